@@ -21,7 +21,9 @@ class CurrentLoopScope {
   EventLoop* previous_;
 };
 
-const IoArgs& args_of(const void* p) { return *static_cast<const IoArgs*>(p); }
+const IoArgs& args_of(const void* p) {
+  return *static_cast<const IoArgs*>(p);
+}
 }  // namespace
 
 IoAwaiter::~IoAwaiter() {
@@ -72,7 +74,9 @@ EventLoop::~EventLoop() {
   }
 }
 
-EventLoop* EventLoop::current() { return current_loop; }
+EventLoop* EventLoop::current() {
+  return current_loop;
+}
 
 io_uring_sqe* EventLoop::get_sqe() {
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -116,28 +120,43 @@ void EventLoop::reap(bool wait) {
     unsubmitted_ = 0;
   }
   // Completions are collected first and delivered afterwards: resuming a coroutine may submit new
-  // requests or even destroy frames whose completions are in this batch.
+  // requests or even destroy frames whose completions are in this batch (cancel_and_wait then
+  // finds them in completed_).
   io_uring_cqe* cqe = nullptr;
   unsigned head = 0;
   unsigned count = 0;
-  std::vector<std::pair<IoOp*, int>> batch;
   io_uring_for_each_cqe(&ring_, head, cqe) {
     auto* op = static_cast<IoOp*>(io_uring_cqe_get_data(cqe));
     if (op != nullptr) {
       --in_flight_;
-      batch.emplace_back(op, cqe->res);
+      completed_.emplace_back(op, cqe->res);
     }
     ++count;
   }
   io_uring_cq_advance(&ring_, count);
-  for (auto& completion : batch) {
-    deliver(completion.first, completion.second);
+  deliver_completed();
+}
+
+void EventLoop::deliver_completed() {
+  while (!completed_.empty()) {
+    auto [op, result] = completed_.front();
+    completed_.pop_front();
+    deliver(op, result);
   }
 }
 
 void EventLoop::cancel_and_wait(IoOp* op) {
   // The waiting frame is going away: nobody may be resumed for this request.
   op->waiter = {};
+  for (auto it = completed_.begin(); it != completed_.end(); ++it) {
+    if (it->first == op) {
+      // Already reaped, not yet delivered: the kernel is done with it.
+      op->pending = false;
+      op->result = it->second;
+      completed_.erase(it);
+      return;
+    }
+  }
   io_uring_sqe* sqe = get_sqe();
   if (sqe != nullptr) {
     io_uring_prep_cancel(sqe, op, 0);
@@ -162,7 +181,7 @@ void EventLoop::cancel_and_wait(IoOp* op) {
       op->pending = false;
       op->result = result;
     } else {
-      deferred_completions_.emplace_back(done, result);
+      completed_.emplace_back(done, result);
     }
   }
 }
@@ -199,24 +218,20 @@ void EventLoop::drain_posted() {
 
 bool EventLoop::run_once(bool wait) {
   CurrentLoopScope scope(this);
-  if (!deferred_completions_.empty()) {
-    auto deferred = std::move(deferred_completions_);
-    deferred_completions_.clear();
-    for (auto& completion : deferred) {
-      deliver(completion.first, completion.second);
-    }
-  }
+  deliver_completed();
   // Resume what was ready at the start; coroutines scheduled meanwhile wait for the next turn.
   size_t ready_now = ready_.size();
   for (size_t i = 0; i < ready_now && !ready_.empty(); ++i) {
     auto handle = ready_.front();
     ready_.pop_front();
-    handle.resume();
+    if (handle) {  // null: withdrawn by unschedule()
+      handle.resume();
+    }
   }
   drain_posted();
   arm_wakeup();
-  bool nothing_ready = ready_.empty() && deferred_completions_.empty() &&
-                       !posted_pending_.load(std::memory_order_acquire);
+  bool nothing_ready =
+      ready_.empty() && completed_.empty() && !posted_pending_.load(std::memory_order_acquire);
   reap(wait && nothing_ready && !stopping());
   return !stopping();
 }
@@ -246,7 +261,17 @@ void EventLoop::post(std::function<void()> fn) {
   (void)written;
 }
 
-void EventLoop::schedule(std::coroutine_handle<> handle) { ready_.push_back(handle); }
+void EventLoop::schedule(std::coroutine_handle<> handle) {
+  ready_.push_back(handle);
+}
+
+void EventLoop::unschedule(std::coroutine_handle<> handle) {
+  for (auto& entry : ready_) {
+    if (entry == handle) {
+      entry = nullptr;
+    }
+  }
+}
 
 EventLoop::Op EventLoop::readv(int fd, const iovec* iov, unsigned count, uint64_t offset) {
   IoArgs a;
@@ -254,12 +279,13 @@ EventLoop::Op EventLoop::readv(int fd, const iovec* iov, unsigned count, uint64_
   a.iov = iov;
   a.iov_count = count;
   a.offset = offset;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_readv(sqe, x.fd, x.iov, x.iov_count, x.offset);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_readv(sqe, x.fd, x.iov, x.iov_count, x.offset);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::writev(int fd, const iovec* iov, unsigned count, uint64_t offset) {
@@ -268,12 +294,13 @@ EventLoop::Op EventLoop::writev(int fd, const iovec* iov, unsigned count, uint64
   a.iov = iov;
   a.iov_count = count;
   a.offset = offset;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_writev(sqe, x.fd, x.iov, x.iov_count, x.offset);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_writev(sqe, x.fd, x.iov, x.iov_count, x.offset);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::read(int fd, void* buffer, uint32_t length, uint64_t offset) {
@@ -282,12 +309,13 @@ EventLoop::Op EventLoop::read(int fd, void* buffer, uint32_t length, uint64_t of
   a.buffer = buffer;
   a.length = length;
   a.offset = offset;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_read(sqe, x.fd, x.buffer, static_cast<unsigned>(x.length), x.offset);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_read(sqe, x.fd, x.buffer, static_cast<unsigned>(x.length), x.offset);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::write(int fd, const void* buffer, uint32_t length, uint64_t offset) {
@@ -296,30 +324,32 @@ EventLoop::Op EventLoop::write(int fd, const void* buffer, uint32_t length, uint
   a.buffer = const_cast<void*>(buffer);
   a.length = length;
   a.offset = offset;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_write(sqe, x.fd, x.buffer, static_cast<unsigned>(x.length), x.offset);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_write(sqe, x.fd, x.buffer, static_cast<unsigned>(x.length), x.offset);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::fsync(int fd) {
   IoArgs a;
   a.fd = fd;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) { io_uring_prep_fsync(sqe, args_of(p).fd, 0); },
-            a);
+  return Op(
+      *this, [](io_uring_sqe* sqe, const void* p) { io_uring_prep_fsync(sqe, args_of(p).fd, 0); },
+      a);
 }
 
 EventLoop::Op EventLoop::fdatasync(int fd) {
   IoArgs a;
   a.fd = fd;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              io_uring_prep_fsync(sqe, args_of(p).fd, IORING_FSYNC_DATASYNC);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        io_uring_prep_fsync(sqe, args_of(p).fd, IORING_FSYNC_DATASYNC);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::fallocate(int fd, int mode, uint64_t offset, uint64_t length) {
@@ -328,24 +358,26 @@ EventLoop::Op EventLoop::fallocate(int fd, int mode, uint64_t offset, uint64_t l
   a.mode = mode;
   a.offset = offset;
   a.length = length;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_fallocate(sqe, x.fd, x.mode, x.offset, x.length);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_fallocate(sqe, x.fd, x.mode, x.offset, x.length);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::accept(int fd, int flags) {
   IoArgs a;
   a.fd = fd;
   a.flags = flags;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_accept(sqe, x.fd, nullptr, nullptr, x.flags);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_accept(sqe, x.fd, nullptr, nullptr, x.flags);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::connect(int fd, const sockaddr* address, socklen_t length) {
@@ -353,12 +385,13 @@ EventLoop::Op EventLoop::connect(int fd, const sockaddr* address, socklen_t leng
   a.fd = fd;
   a.address = address;
   a.address_length = length;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_connect(sqe, x.fd, x.address, x.address_length);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_connect(sqe, x.fd, x.address, x.address_length);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::recv(int fd, void* buffer, uint32_t length, int flags) {
@@ -367,12 +400,13 @@ EventLoop::Op EventLoop::recv(int fd, void* buffer, uint32_t length, int flags) 
   a.buffer = buffer;
   a.length = length;
   a.flags = flags;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_recv(sqe, x.fd, x.buffer, x.length, x.flags);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_recv(sqe, x.fd, x.buffer, x.length, x.flags);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::send(int fd, const void* buffer, uint32_t length, int flags) {
@@ -381,12 +415,13 @@ EventLoop::Op EventLoop::send(int fd, const void* buffer, uint32_t length, int f
   a.buffer = const_cast<void*>(buffer);
   a.length = length;
   a.flags = flags;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_send(sqe, x.fd, x.buffer, x.length, x.flags);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_send(sqe, x.fd, x.buffer, x.length, x.flags);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::sendmsg_iov(int fd, const iovec* iov, unsigned count) {
@@ -396,24 +431,26 @@ EventLoop::Op EventLoop::sendmsg_iov(int fd, const iovec* iov, unsigned count) {
   a.iov_count = count;
   // writev on a socket is a send without flags; MSG_NOSIGNAL is ensured by ignoring SIGPIPE in
   // the daemon.
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_writev(sqe, x.fd, x.iov, x.iov_count, 0);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_writev(sqe, x.fd, x.iov, x.iov_count, 0);
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::poll(int fd, unsigned events) {
   IoArgs a;
   a.fd = fd;
   a.flags = static_cast<int>(events);
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_poll_add(sqe, x.fd, static_cast<unsigned>(x.flags));
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_poll_add(sqe, x.fd, static_cast<unsigned>(x.flags));
+      },
+      a);
 }
 
 EventLoop::Op EventLoop::sleep_for(std::chrono::nanoseconds duration) {
@@ -421,12 +458,13 @@ EventLoop::Op EventLoop::sleep_for(std::chrono::nanoseconds duration) {
   auto ns = duration.count() < 0 ? 0 : duration.count();
   a.timeout.tv_sec = ns / 1000000000;
   a.timeout.tv_nsec = ns % 1000000000;
-  return Op(*this,
-            [](io_uring_sqe* sqe, const void* p) {
-              const IoArgs& x = args_of(p);
-              io_uring_prep_timeout(sqe, const_cast<__kernel_timespec*>(&x.timeout), 0, 0);
-            },
-            a);
+  return Op(
+      *this,
+      [](io_uring_sqe* sqe, const void* p) {
+        const IoArgs& x = args_of(p);
+        io_uring_prep_timeout(sqe, const_cast<__kernel_timespec*>(&x.timeout), 0, 0);
+      },
+      a);
 }
 
 }  // namespace strata::aio

@@ -107,6 +107,10 @@ class EventLoop {
   void post(std::function<void()> fn);
   // Same thread: resumes `handle` during a later iteration (not recursively from here).
   void schedule(std::coroutine_handle<> handle);
+  // Same thread: withdraws every pending schedule() of `handle`. An awaiter whose frame is
+  // destroyed after it was scheduled and before it resumed calls this from its destructor, so the
+  // loop never resumes a destroyed frame. Costs a scan of the ready queue.
+  void unschedule(std::coroutine_handle<> handle);
 
   // Awaitables. Each yields the CQE result (bytes or value, or -errno). The caller keeps buffers
   // and iovecs alive until the co_await returns.
@@ -148,13 +152,23 @@ class EventLoop {
     };
     return HopAwaiter{*this};
   }
-  // Lets other ready coroutines run before continuing.
+  // Lets other ready coroutines run before continuing. The suspended frame may be destroyed
+  // before it resumes.
   auto yield() {
     struct YieldAwaiter {
       EventLoop& loop;
+      std::coroutine_handle<> scheduled = {};
+      ~YieldAwaiter() {
+        if (scheduled) {
+          loop.unschedule(scheduled);
+        }
+      }
       bool await_ready() const noexcept { return false; }
-      void await_suspend(std::coroutine_handle<> h) { loop.schedule(h); }
-      void await_resume() const noexcept {}
+      void await_suspend(std::coroutine_handle<> h) {
+        scheduled = h;
+        loop.schedule(h);
+      }
+      void await_resume() noexcept { scheduled = {}; }
     };
     return YieldAwaiter{*this};
   }
@@ -168,9 +182,13 @@ class EventLoop {
   EventLoop() = default;
 
   bool submit(IoOp* op, IoAwaiter::Prepare prepare, const void* args);
-  // Cancels `op` and reaps completions until its own arrives; other completions are queued and
-  // delivered by a later iteration.
+  // Cancels `op` and reaps completions until its own arrives; other completions are queued in
+  // completed_ and delivered by a later iteration. An op whose completion is already queued is
+  // just taken off the queue.
   void cancel_and_wait(IoOp* op);
+  // Delivers queued completions one at a time, so a frame destroyed by an earlier delivery can
+  // take its own completion off the queue first (its op stays `pending` until delivered).
+  void deliver_completed();
   io_uring_sqe* get_sqe();
   void reap(bool wait);
   void deliver(IoOp* op, int result);
@@ -186,7 +204,7 @@ class EventLoop {
   uint64_t in_flight_ = 0;
   unsigned unsubmitted_ = 0;
   std::deque<std::coroutine_handle<>> ready_;
-  std::vector<std::pair<IoOp*, int>> deferred_completions_;
+  std::deque<std::pair<IoOp*, int>> completed_;
   std::atomic<bool> stop_requested_{false};
   std::mutex posted_mutex_;
   std::vector<std::function<void()>> posted_;
@@ -198,6 +216,7 @@ namespace detail {
 struct BlockOnRunner {
   struct promise_type {
     bool finished = false;
+    EventLoop* loop = nullptr;
     BlockOnRunner get_return_object() {
       return BlockOnRunner{std::coroutine_handle<promise_type>::from_promise(*this)};
     }
@@ -206,6 +225,9 @@ struct BlockOnRunner {
       bool await_ready() noexcept { return false; }
       void await_suspend(std::coroutine_handle<promise_type> h) noexcept {
         h.promise().finished = true;
+        // Keeps the current run_once from blocking in the kernel now that block_on is done:
+        // a queued no-op makes the iteration non-waiting.
+        h.promise().loop->schedule(std::noop_coroutine());
       }
       void await_resume() noexcept {}
     };
@@ -236,14 +258,16 @@ T EventLoop::block_on(Task<T> task) {
   if constexpr (std::is_void_v<T>) {
     std::optional<bool> out;
     detail::BlockOnRunner runner = detail::block_on_body(task, out);
-    runner.handle.resume();
+    runner.handle.promise().loop = this;
+    schedule(runner.handle);  // started inside run_once, so EventLoop::current() is this loop
     while (!runner.handle.promise().finished) {
       run_once(true);
     }
   } else {
     std::optional<T> out;
     detail::BlockOnRunner runner = detail::block_on_body(task, out);
-    runner.handle.resume();
+    runner.handle.promise().loop = this;
+    schedule(runner.handle);  // started inside run_once, so EventLoop::current() is this loop
     while (!runner.handle.promise().finished) {
       run_once(true);
     }

@@ -70,7 +70,9 @@ Error Error::from_errno(int errno_value, const std::string& context) {
 }
 
 Error Error::with_prefix(const std::string& prefix) const {
-  return Error(kind_, prefix + ": " + message_, errno_);
+  Error copy = *this;
+  copy.message_ = prefix + ": " + message_;
+  return copy;
 }
 
 Error make_error(ErrorKind kind, std::string message) { return Error(kind, std::move(message)); }

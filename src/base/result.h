@@ -48,10 +48,19 @@ class Error {
   // Returns a copy whose message is "prefix: message" (QEMU's error_prepend).
   Error with_prefix(const std::string& prefix) const;
 
+  // The QMP error class when it is not GenericError (e.g. "DeviceNotActive", "CommandNotFound").
+  const std::string& qmp_class() const { return qmp_class_; }
+  Error with_qmp_class(std::string qmp_class) const {
+    Error copy = *this;
+    copy.qmp_class_ = std::move(qmp_class);
+    return copy;
+  }
+
  private:
   ErrorKind kind_;
   int errno_;
   std::string message_;
+  std::string qmp_class_;
 };
 
 template <typename T>

@@ -1,0 +1,21 @@
+// The list of drivers built into strata. A new driver adds one line here.
+
+#include "block/drivers/driver.h"
+#include "block/drivers/file/file_node.h"
+#include "block/drivers/null/null_node.h"
+#include "block/drivers/raw/raw_node.h"
+
+namespace strata::block {
+
+namespace {
+const Driver kDrivers[] = {
+    {"file", &FileNode::parse, &FileNode::open},
+    {"null-aio", &NullNode::parse, &NullNode::open_aio},
+    {"null-co", &NullNode::parse, &NullNode::open_co},
+    {"raw", &RawNode::parse, &RawNode::open},
+};
+}  // namespace
+
+std::span<const Driver> all_drivers() { return kDrivers; }
+
+}  // namespace strata::block

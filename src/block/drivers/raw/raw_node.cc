@@ -1,0 +1,132 @@
+#include "block/drivers/raw/raw_node.h"
+
+#include "block/io/request.h"
+
+namespace strata::block {
+
+std::unique_ptr<DriverOptions> RawNode::parse(ArgDecoder& d) {
+  auto options = std::make_unique<RawOptions>();
+  if (auto file = parse_blockdev_ref(d, "file", true)) {
+    options->file = std::move(*file);
+  }
+  options->offset = d.opt_u64("offset");
+  options->size = d.opt_u64("size");
+  return options;
+}
+
+Result<std::shared_ptr<Node>> RawNode::open(OpenContext& context, const BlockdevOptions& options) {
+  const auto& raw = static_cast<const RawOptions&>(*options.driver_options);
+  auto node = std::make_shared<RawNode>(context.options(), raw.offset.value_or(0), raw.size);
+  // QEMU's raw_open: a plain raw node filters its file; a window makes the file a data child.
+  uint32_t role = node->has_window() ? (kRoleData | kRolePrimary) : (kRoleFiltered | kRolePrimary);
+  auto child = context.attach(*node, raw.file, "file", role);
+  if (!child) {
+    return std::move(child).error();
+  }
+  auto window = check_window(raw.offset.value_or(0), raw.size, (*child)->node()->length());
+  if (!window) {
+    return std::move(window).error();
+  }
+  node->limits_ = (*child)->node()->limits();
+  return std::shared_ptr<Node>(std::move(node));
+}
+
+Result<void> RawNode::check_window(uint64_t offset, std::optional<uint64_t> size,
+                                  uint64_t file_length) {
+  if (offset > file_length) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Offset (" + std::to_string(offset) +
+                          ") cannot be greater than size of the containing file (" +
+                          std::to_string(file_length) + ")");
+  }
+  if (size && offset + *size > file_length) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "The sum of offset (" + std::to_string(offset) + ") and size (" +
+                          std::to_string(*size) +
+                          ") has to be smaller or equal to the  actual size of the containing "
+                          "file (" +
+                          std::to_string(file_length) + ")");
+  }
+  if (size && *size % 512 != 0) {
+    return make_error(ErrorKind::kInvalidArgument, "Specified size is not multiple of 512");
+  }
+  return ok();
+}
+
+Result<std::function<void()>> RawNode::prepare_reopen(const DriverOptions& options) {
+  const auto& raw = static_cast<const RawOptions&>(options);
+  if (raw.file.inline_options || raw.file.node_name != file().name()) {
+    return make_error(ErrorKind::kUnsupported, "Cannot change the option 'file'");
+  }
+  uint64_t offset = raw.offset.value_or(0);
+  auto window = check_window(offset, raw.size, file().length());
+  if (!window) {
+    return std::move(window).error();
+  }
+  std::optional<uint64_t> size = raw.size;
+  return std::function<void()>([this, offset, size] {
+    offset_ = offset;
+    size_ = size;
+  });
+}
+
+RawNode::RawNode(CommonOptions common, uint64_t offset, std::optional<uint64_t> size)
+    : Node(std::move(common)), offset_(offset), size_(size) {}
+
+std::string RawNode::filename() const {
+  if (!has_window()) {
+    return file().filename();
+  }
+  return Node::filename();
+}
+
+uint64_t RawNode::length() const {
+  if (size_) {
+    return *size_;
+  }
+  uint64_t file_length = file().length();
+  return file_length > offset_ ? file_length - offset_ : 0;
+}
+
+aio::Task<Result<void>> RawNode::co_preadv(uint64_t offset, uint64_t, IoVector qiov,
+                                           uint32_t flags) {
+  auto result = co_await io::preadv(file(), offset + offset_, std::move(qiov), flags);
+  co_return result;
+}
+
+aio::Task<Result<void>> RawNode::co_pwritev(uint64_t offset, uint64_t, IoVector qiov,
+                                            uint32_t flags) {
+  auto result = co_await io::pwritev(file(), offset + offset_, std::move(qiov), flags);
+  co_return result;
+}
+
+aio::Task<Result<void>> RawNode::co_pdiscard(uint64_t offset, uint64_t bytes) {
+  auto result = co_await io::pdiscard(file(), offset + offset_, bytes);
+  co_return result;
+}
+
+aio::Task<Result<void>> RawNode::co_pwrite_zeroes(uint64_t offset, uint64_t bytes,
+                                                  uint32_t flags) {
+  auto result = co_await io::pwrite_zeroes(file(), offset + offset_, bytes, flags);
+  co_return result;
+}
+
+aio::Task<Result<BlockStatus>> RawNode::co_block_status(uint64_t offset, uint64_t bytes) {
+  BlockStatus status;
+  status.bytes = bytes;
+  status.flags = BlockStatus::kRecurse | BlockStatus::kOffsetValid;
+  status.map_offset = offset + offset_;
+  status.file = &file();
+  co_return status;
+}
+
+aio::Task<Result<void>> RawNode::co_truncate(uint64_t new_size, bool exact) {
+  if (has_window()) {
+    co_return make_error(ErrorKind::kUnsupported,
+                         "Cannot resize fixed-size raw disks");
+  }
+  auto result = co_await io::truncate(file(), new_size, exact);
+  co_return result;
+}
+
+}  // namespace strata::block

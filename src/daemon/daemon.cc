@@ -1,0 +1,155 @@
+#include "daemon/daemon.h"
+
+#include <array>
+
+#include "qmp/arg_decoder.h"
+
+namespace strata::daemon {
+
+// ---- IoThread ---------------------------------------------------------------------------------
+
+Result<std::unique_ptr<IoThread>> IoThread::start(std::string id) {
+  auto loop = aio::EventLoop::create();
+  if (!loop) {
+    return std::move(loop).error();
+  }
+  return std::unique_ptr<IoThread>(new IoThread(std::move(id), std::move(loop).value()));
+}
+
+IoThread::IoThread(std::string id, std::unique_ptr<aio::EventLoop> loop)
+    : id_(std::move(id)), loop_(std::move(loop)) {
+  thread_ = std::thread([this] { loop_->run(); });
+}
+
+IoThread::~IoThread() {
+  loop_->stop();
+  thread_.join();
+}
+
+// ---- Daemon -----------------------------------------------------------------------------------
+
+Daemon::Daemon(aio::EventLoop& main_loop)
+    : main_loop_(main_loop), monitors_(main_loop, commands_, version_info()) {
+  register_commands();
+  register_block_commands();
+}
+
+Daemon::~Daemon() = default;
+
+nlohmann::json Daemon::version_info() {
+  return {{"qemu", {{"major", 10}, {"minor", 0}, {"micro", 2}}},
+          {"package", "strata 0.1.0"}};
+}
+
+Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
+  qmp::ArgDecoder d(options, "", keyval);
+  static constexpr std::array<std::string_view, 1> kTypes = {"iothread"};
+  std::string type = d.enumeration("qom-type", kTypes);
+  std::string id = d.str("id");
+  // iothread properties are accepted; strata's loops need no polling or batch tuning.
+  (void)d.opt_i64("poll-max-ns");
+  (void)d.opt_i64("poll-grow");
+  (void)d.opt_i64("poll-shrink");
+  (void)d.opt_i64("aio-max-batch");
+  (void)d.opt_i64("thread-pool-min");
+  (void)d.opt_i64("thread-pool-max");
+  auto decoded = d.finish();
+  if (!decoded) {
+    return decoded;
+  }
+  if (iothreads_.count(id) != 0) {
+    return make_error(ErrorKind::kExists, "attempt to add duplicate property '" + id +
+                                              "' to object (type 'container')");
+  }
+  auto thread = IoThread::start(id);
+  if (!thread) {
+    return std::move(thread).error();
+  }
+  iothreads_.emplace(id, std::move(thread).value());
+  return ok();
+}
+
+Result<void> Daemon::object_del(const std::string& id) {
+  auto it = iothreads_.find(id);
+  if (it == iothreads_.end()) {
+    return make_error(ErrorKind::kNotFound, "object '" + id + "' not found");
+  }
+  iothreads_.erase(it);
+  return ok();
+}
+
+void Daemon::register_commands() {
+  commands_.add("query-version",
+                [](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+                  qmp::ArgDecoder d(args);
+                  auto decoded = d.finish();
+                  if (!decoded) {
+                    co_return std::move(decoded).error();
+                  }
+                  co_return version_info();
+                });
+  commands_.add("query-commands",
+                [this](const nlohmann::json& args,
+                       qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+                  qmp::ArgDecoder d(args);
+                  auto decoded = d.finish();
+                  if (!decoded) {
+                    co_return std::move(decoded).error();
+                  }
+                  nlohmann::json list = nlohmann::json::array();
+                  list.push_back({{"name", "qmp_capabilities"}});
+                  for (const auto& name : commands_.names()) {
+                    list.push_back({{"name", name}});
+                  }
+                  co_return list;
+                });
+  commands_.add("quit",
+                [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+                  qmp::ArgDecoder d(args);
+                  auto decoded = d.finish();
+                  if (!decoded) {
+                    co_return std::move(decoded).error();
+                  }
+                  monitors_.request_quit();
+                  co_return nlohmann::json::object();
+                });
+  commands_.add("object-add",
+                [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+                  auto added = object_add(args, false);
+                  if (!added) {
+                    co_return std::move(added).error();
+                  }
+                  co_return nlohmann::json::object();
+                });
+  commands_.add("object-del",
+                [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+                  qmp::ArgDecoder d(args);
+                  std::string id = d.str("id");
+                  auto decoded = d.finish();
+                  if (!decoded) {
+                    co_return std::move(decoded).error();
+                  }
+                  auto deleted = object_del(id);
+                  if (!deleted) {
+                    co_return std::move(deleted).error();
+                  }
+                  co_return nlohmann::json::object();
+                });
+}
+
+void Daemon::stop() {
+  main_loop_.post([this] {
+    stop_requested_ = true;
+    monitors_.quit_event().set();
+  });
+}
+
+void Daemon::run() {
+  main_loop_.block_on([](Daemon& self) -> aio::Task<void> {
+    co_await self.monitors_.quit_event().wait();
+    co_await self.monitors_.shutdown();
+  }(*this));
+  iothreads_.clear();
+}
+
+}  // namespace strata::daemon

@@ -1,0 +1,74 @@
+#pragma once
+// Daemon: owns the block graph, the QMP monitors, user-created objects (iothreads) and the
+// command table, and runs on the main loop. It is what `strata daemon` builds from its command
+// line (qemu-storage-daemon's) and what QMP commands act on.
+
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "aio/event_loop.h"
+#include "base/result.h"
+#include "block/graph/graph.h"
+#include "qmp/command_table.h"
+#include "qmp/monitor.h"
+
+namespace strata::daemon {
+
+// An `iothread` object: a thread running its own event loop.
+class IoThread {
+ public:
+  static Result<std::unique_ptr<IoThread>> start(std::string id);
+  ~IoThread();
+  const std::string& id() const { return id_; }
+  aio::EventLoop& loop() { return *loop_; }
+
+ private:
+  IoThread(std::string id, std::unique_ptr<aio::EventLoop> loop);
+  std::string id_;
+  std::unique_ptr<aio::EventLoop> loop_;
+  std::thread thread_;
+};
+
+class Daemon {
+ public:
+  explicit Daemon(aio::EventLoop& main_loop);
+  ~Daemon();
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  aio::EventLoop& main_loop() { return main_loop_; }
+  block::Graph& graph() { return graph_; }
+  qmp::MonitorHub& monitors() { return monitors_; }
+  const qmp::CommandTable& commands() const { return commands_; }
+
+  // blockdev-add from QMP arguments or a --blockdev option (keyval: scalars are strings).
+  Result<void> blockdev_add(const nlohmann::json& options, bool keyval);
+  // object-add from QMP arguments or an --object option.
+  Result<void> object_add(const nlohmann::json& options, bool keyval);
+  Result<void> object_del(const std::string& id);
+
+  // The query-version value.
+  static nlohmann::json version_info();
+
+  // Runs until quit (QMP) or stop() (signals), then tears down monitors and objects.
+  void run();
+  // Thread-safe request to shut down (SIGTERM/SIGINT).
+  void stop();
+
+ private:
+  void register_commands();
+  void register_block_commands();
+
+  aio::EventLoop& main_loop_;
+  block::Graph graph_;
+  qmp::CommandTable commands_;
+  qmp::MonitorHub monitors_;
+  std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
+  bool stop_requested_ = false;
+};
+
+}  // namespace strata::daemon

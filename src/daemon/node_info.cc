@@ -1,0 +1,135 @@
+#include "daemon/node_info.h"
+
+#include <map>
+
+namespace strata::daemon {
+
+using block::Node;
+
+nlohmann::json image_info(const Node& node, bool flat) {
+  nlohmann::json info;
+  info["filename"] = node.filename();
+  info["format"] = node.format_name();
+  info["virtual-size"] = node.length();
+  if (auto actual = node.allocated_size()) {
+    info["actual-size"] = *actual;
+  }
+  if (auto cluster = node.cluster_size()) {
+    info["cluster-size"] = *cluster;
+  }
+  nlohmann::json specific = node.format_specific_info();
+  if (!specific.is_null()) {
+    info["format-specific"] = specific;
+  }
+  if (block::Child* backing = node.backing_child(); backing != nullptr) {
+    info["backing-filename"] = backing->node()->filename();
+    info["full-backing-filename"] = backing->node()->filename();
+    info["backing-filename-format"] = backing->node()->format_name();
+    if (!flat) {
+      info["backing-image"] = image_info(*backing->node(), false);
+    }
+  }
+  return info;
+}
+
+nlohmann::json block_device_info(const Node& node, bool flat) {
+  const auto& options = node.common_options();
+  nlohmann::json info;
+  info["file"] = node.filename();
+  info["node-name"] = node.name();
+  info["ro"] = node.is_read_only();
+  info["drv"] = node.driver_name();
+  int depth = 0;
+  if (block::Child* backing = node.backing_child(); backing != nullptr) {
+    info["backing_file"] = backing->node()->filename();
+    if (!flat) {
+      for (const Node* n = backing->node(); n != nullptr;) {
+        ++depth;
+        block::Child* next = n->backing_child();
+        n = next != nullptr ? next->node() : nullptr;
+      }
+    }
+  }
+  info["backing_file_depth"] = depth;
+  info["active"] = node.is_active();
+  info["encrypted"] = false;
+  info["detect_zeroes"] = options.detect_zeroes;
+  for (const char* key : {"bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"}) {
+    info[key] = 0;
+  }
+  info["image"] = image_info(node, flat);
+  info["cache"] = {{"writeback", true},
+                   {"direct", options.cache_direct},
+                   {"no-flush", options.cache_no_flush}};
+  info["write_threshold"] = 0;
+  return info;
+}
+
+namespace {
+
+nlohmann::json perm_list(uint64_t perms) {
+  nlohmann::json list = nlohmann::json::array();
+  static constexpr struct {
+    uint64_t bit;
+    const char* name;
+  } kNames[] = {{block::kPermConsistentRead, "consistent-read"},
+                {block::kPermWrite, "write"},
+                {block::kPermWriteUnchanged, "write-unchanged"},
+                {block::kPermResize, "resize"}};
+  for (const auto& entry : kNames) {
+    if ((perms & entry.bit) != 0) {
+      list.push_back(entry.name);
+    }
+  }
+  return list;
+}
+
+}  // namespace
+
+nlohmann::json debug_block_graph(const block::Graph& graph) {
+  nlohmann::json nodes = nlohmann::json::array();
+  nlohmann::json edges = nlohmann::json::array();
+  std::map<const void*, uint64_t> ids;
+  uint64_t next_id = 1;
+  auto id_of = [&](const void* p) {
+    auto [it, inserted] = ids.emplace(p, next_id);
+    if (inserted) {
+      ++next_id;
+    }
+    return it->second;
+  };
+  for (const Node* node : graph.nodes()) {
+    nodes.push_back({{"id", id_of(node)}, {"type", "block-driver"}, {"name", node->name()}});
+  }
+  for (const Node* node : graph.nodes()) {
+    for (const block::Child* parent : node->parents()) {
+      if (parent->parent_node() == nullptr) {
+        const void* user = parent->parent();
+        if (ids.find(user) == ids.end()) {
+          nodes.push_back({{"id", id_of(user)}, {"type", "block-backend"}, {"name", ""}});
+        }
+      }
+    }
+    for (const auto& child : node->children()) {
+      edges.push_back({{"parent", id_of(node)},
+                       {"child", id_of(child->node())},
+                       {"name", child->name()},
+                       {"perm", perm_list(child->perm())},
+                       {"shared-perm", perm_list(child->shared())}});
+    }
+  }
+  for (const Node* node : graph.nodes()) {
+    for (const block::Child* parent : node->parents()) {
+      if (parent->parent_node() == nullptr) {
+        edges.push_back({{"parent", id_of(parent->parent())},
+                         {"child", id_of(node)},
+                         {"name", parent->name()},
+                         {"perm", perm_list(parent->perm())},
+                         {"shared-perm", perm_list(parent->shared())}});
+      }
+    }
+  }
+  return {{"nodes", nodes}, {"edges", edges}};
+}
+
+}  // namespace strata::daemon
