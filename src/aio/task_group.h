@@ -32,7 +32,8 @@ class TaskGroup {
 
   // Starts `task` (an invalid task is ignored). Returns when it finishes or first suspends.
   void spawn(Task<void> task);
-  // Resumes, during a later loop iteration, once the group is empty (at once if it is).
+  // Resumes, during a later loop iteration, after the group became empty (at once if it is
+  // empty now). Tasks spawned in between do not hold back a waiter that was already woken.
   WaitAwaiter wait() { return WaitAwaiter(*this); }
   // Tasks spawned and not yet finished.
   size_t size() const { return size_; }

@@ -11,7 +11,7 @@
 // must have no gaps (`a.0=x,a.1=y`). The last of several key-vals naming the same leaf wins. With
 // an implied key, the first element may be a bare value (`nbd,id=e0` = `type=nbd,id=e0`); that
 // value cannot contain ',' or '='. Leaves are always strings: typing happens when the result is
-// decoded (qmp::ArgDecoder with keyval = true). Errors carry QEMU's texts, e.g.
+// decoded (ArgDecoder with keyval = true). Errors carry QEMU's texts, e.g.
 // "Invalid parameter 'foo..bar'", "Expected '=' after parameter 'x'",
 // "Parameters 'a.*' used inconsistently", "Parameter 'a.0' missing".
 //

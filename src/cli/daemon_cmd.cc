@@ -20,7 +20,7 @@
 #include "base/keyval.h"
 #include "cli/commands.h"
 #include "daemon/daemon.h"
-#include "qmp/arg_decoder.h"
+#include "base/arg_decoder.h"
 
 namespace strata::cli {
 
@@ -252,7 +252,7 @@ int daemon_main(int argc, char** argv) {
     std::string argument = optarg != nullptr ? optarg : "";
     switch (opt) {
       case kBlockdev: {
-        auto options = parse_option(argument, "");
+        auto options = parse_option(argument, "driver");
         if (!options) {
           fail_option("blockdev", argument, options.error().message());
         }
@@ -268,7 +268,7 @@ int daemon_main(int argc, char** argv) {
         if (!options) {
           fail_option("chardev", argument, options.error().message());
         }
-        qmp::ArgDecoder d(*options, "", true);
+        ArgDecoder d(*options, "", true);
         static constexpr std::array<std::string_view, 2> kBackends = {"socket", "stdio"};
         Chardev chardev;
         chardev.backend = d.enumeration("backend", kBackends);
@@ -301,7 +301,7 @@ int daemon_main(int argc, char** argv) {
         if (!options) {
           fail_option("monitor", argument, options.error().message());
         }
-        qmp::ArgDecoder d(*options, "", true);
+        ArgDecoder d(*options, "", true);
         std::string chardev_id = d.str("chardev");
         static constexpr std::array<std::string_view, 2> kModes = {"readline", "control"};
         std::string mode = d.opt_enum("mode", kModes).value_or("control");

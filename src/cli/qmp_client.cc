@@ -37,15 +37,14 @@ Result<QmpClient> QmpClient::connect(const std::string& path, int greeting_timeo
     return std::move(greeting).error().with_prefix("no QMP greeting from '" + path + "'");
   }
   if (!greeting->has_value()) {
-    return make_error(ErrorKind::kTimeout,
-                      "no QMP greeting from '" + path + "' within " +
-                          std::to_string(greeting_timeout_ms / 1000) +
-                          " s (is another client connected to this monitor?)");
+    return make_error(ErrorKind::kTimeout, "no QMP greeting from '" + path + "' within " +
+                                               std::to_string(greeting_timeout_ms / 1000) +
+                                               " s (is another client connected to this monitor?)");
   }
   if (!(*greeting)->is_object() || !(*greeting)->contains("QMP")) {
-    return make_error(ErrorKind::kProtocol,
-                      "'" + path + "' is not a QMP monitor: it greeted with " +
-                          format_json(**greeting, false));
+    return make_error(
+        ErrorKind::kProtocol,
+        "'" + path + "' is not a QMP monitor: it greeted with " + format_json(**greeting, false));
   }
   client.greeting_ = std::move(**greeting);
 
@@ -249,7 +248,8 @@ Result<Json> parse_key_values(const std::vector<std::string>& words) {
     size_t start = 0;
     for (;;) {
       size_t dot = key.find('.', start);
-      std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+      std::string part =
+          key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
       if (dot == std::string::npos) {
         if (parent->contains(part)) {
           if ((*parent)[part].is_object()) {

@@ -20,10 +20,10 @@ using Json = nlohmann::ordered_json;
 
 class QmpClient {
  public:
-  // Connects to the unix socket at `path`, reads the greeting (waiting at most `greeting_timeout_ms`;
-  // a QEMU monitor serves one client at a time and greets the next only when the previous leaves)
-  // and negotiates with qmp_capabilities. Errors are ready to print: "cannot connect to ...",
-  // "no QMP greeting ...", "qmp_capabilities failed: ...".
+  // Connects to the unix socket at `path`, reads the greeting (waiting at most
+  // `greeting_timeout_ms`; a QEMU monitor serves one client at a time and greets the next only when
+  // the previous leaves) and negotiates with qmp_capabilities. Errors are ready to print: "cannot
+  // connect to ...", "no QMP greeting ...", "qmp_capabilities failed: ...".
   static Result<QmpClient> connect(const std::string& path, int greeting_timeout_ms = 10000);
 
   QmpClient(QmpClient&& other) noexcept;
@@ -47,7 +47,8 @@ class QmpClient {
   // Sends `request` and waits for its reply (the first message that is not an event); events read
   // meanwhile go to `on_event` in arrival order. The reply is returned whether it is a success or
   // an error reply.
-  Result<Json> execute_text(std::string_view request, const std::function<void(const Json&)>& on_event);
+  Result<Json> execute_text(std::string_view request,
+                            const std::function<void(const Json&)>& on_event);
   Result<Json> execute(const Json& request, const std::function<void(const Json&)>& on_event) {
     return execute_text(request.dump(), on_event);
   }

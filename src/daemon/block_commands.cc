@@ -6,7 +6,7 @@
 #include "block/drivers/driver.h"
 #include "daemon/daemon.h"
 #include "daemon/node_info.h"
-#include "qmp/arg_decoder.h"
+#include "base/arg_decoder.h"
 
 namespace strata::daemon {
 
@@ -28,7 +28,7 @@ Error failed_to_find(const std::string& name) {
 }  // namespace
 
 Result<void> Daemon::blockdev_add(const nlohmann::json& options, bool keyval) {
-  qmp::ArgDecoder d(options, "", keyval);
+  ArgDecoder d(options, "", keyval);
   auto parsed = block::parse_blockdev_options(d, options);
   auto decoded = d.finish();
   if (!decoded) {
@@ -81,11 +81,11 @@ struct ReopenEntry {
 // installed, permissions are refreshed over all nodes at once, and on any failure everything is
 // put back. Omitted options revert to their defaults.
 Result<void> blockdev_reopen(block::Graph& graph, const nlohmann::json& args) {
-  qmp::ArgDecoder d(args);
+  ArgDecoder d(args);
   std::vector<nlohmann::json> list = d.list("options");
   std::vector<ReopenEntry> entries(list.size());
   for (size_t i = 0; i < list.size(); ++i) {
-    qmp::ArgDecoder element = d.element_decoder(list[i], i, "options");
+    ArgDecoder element = d.element_decoder(list[i], i, "options");
     entries[i].options = block::parse_blockdev_options(element, list[i]);
     ignore_error(element.finish(), "recorded in the shared decoder state");
   }
@@ -152,7 +152,7 @@ Result<void> blockdev_reopen(block::Graph& graph, const nlohmann::json& args) {
 }
 
 Result<void> blockdev_set_active(block::Graph& graph, const nlohmann::json& args) {
-  qmp::ArgDecoder d(args);
+  ArgDecoder d(args);
   std::optional<std::string> name = d.opt_str("node-name");
   bool active = d.boolean("active");
   auto decoded = d.finish();
@@ -182,7 +182,7 @@ void Daemon::register_block_commands() {
     co_return done(blockdev_add(args, false));
   });
   commands_.add("blockdev-del", [this](const nlohmann::json& args, qmp::Monitor&) -> Reply {
-    qmp::ArgDecoder d(args);
+    ArgDecoder d(args);
     std::string name = d.str("node-name");
     auto decoded = d.finish();
     if (!decoded) {
@@ -198,7 +198,7 @@ void Daemon::register_block_commands() {
   });
   commands_.add("query-named-block-nodes",
                 [this](const nlohmann::json& args, qmp::Monitor&) -> Reply {
-                  qmp::ArgDecoder d(args);
+                  ArgDecoder d(args);
                   bool flat = d.opt_bool("flat").value_or(false);
                   auto decoded = d.finish();
                   if (!decoded) {
@@ -212,7 +212,7 @@ void Daemon::register_block_commands() {
                 });
   commands_.add("x-debug-query-block-graph",
                 [this](const nlohmann::json& args, qmp::Monitor&) -> Reply {
-                  qmp::ArgDecoder d(args);
+                  ArgDecoder d(args);
                   auto decoded = d.finish();
                   if (!decoded) {
                     co_return std::move(decoded).error();

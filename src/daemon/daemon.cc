@@ -2,7 +2,7 @@
 
 #include <array>
 
-#include "qmp/arg_decoder.h"
+#include "base/arg_decoder.h"
 
 namespace strata::daemon {
 
@@ -42,7 +42,7 @@ nlohmann::json Daemon::version_info() {
 }
 
 Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
-  qmp::ArgDecoder d(options, "", keyval);
+  ArgDecoder d(options, "", keyval);
   static constexpr std::array<std::string_view, 1> kTypes = {"iothread"};
   std::string type = d.enumeration("qom-type", kTypes);
   std::string id = d.str("id");
@@ -81,7 +81,7 @@ Result<void> Daemon::object_del(const std::string& id) {
 void Daemon::register_commands() {
   commands_.add("query-version",
                 [](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  qmp::ArgDecoder d(args);
+                  ArgDecoder d(args);
                   auto decoded = d.finish();
                   if (!decoded) {
                     co_return std::move(decoded).error();
@@ -91,7 +91,7 @@ void Daemon::register_commands() {
   commands_.add("query-commands",
                 [this](const nlohmann::json& args,
                        qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  qmp::ArgDecoder d(args);
+                  ArgDecoder d(args);
                   auto decoded = d.finish();
                   if (!decoded) {
                     co_return std::move(decoded).error();
@@ -105,7 +105,7 @@ void Daemon::register_commands() {
                 });
   commands_.add("quit",
                 [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  qmp::ArgDecoder d(args);
+                  ArgDecoder d(args);
                   auto decoded = d.finish();
                   if (!decoded) {
                     co_return std::move(decoded).error();
@@ -123,7 +123,7 @@ void Daemon::register_commands() {
                 });
   commands_.add("object-del",
                 [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  qmp::ArgDecoder d(args);
+                  ArgDecoder d(args);
                   std::string id = d.str("id");
                   auto decoded = d.finish();
                   if (!decoded) {

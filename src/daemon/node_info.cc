@@ -14,6 +14,9 @@ nlohmann::json image_info(const Node& node, bool flat) {
   if (auto actual = node.allocated_size()) {
     info["actual-size"] = *actual;
   }
+  if (auto dirty = node.dirty_flag()) {
+    info["dirty-flag"] = *dirty;
+  }
   if (auto cluster = node.cluster_size()) {
     info["cluster-size"] = *cluster;
   }
@@ -72,10 +75,10 @@ nlohmann::json perm_list(uint64_t perms) {
   static constexpr struct {
     uint64_t bit;
     const char* name;
-  } kNames[] = {{block::kPermConsistentRead, "consistent-read"},
-                {block::kPermWrite, "write"},
+  } kNames[] = {{block::kPermResize, "resize"},
                 {block::kPermWriteUnchanged, "write-unchanged"},
-                {block::kPermResize, "resize"}};
+                {block::kPermWrite, "write"},
+                {block::kPermConsistentRead, "consistent-read"}};
   for (const auto& entry : kNames) {
     if ((perms & entry.bit) != 0) {
       list.push_back(entry.name);

@@ -8,14 +8,14 @@
 #include <string_view>
 
 #include "base/keyval.h"
-#include "qmp/arg_decoder.h"
+#include "base/arg_decoder.h"
 #include "qmp/json_stream.h"
 
 namespace {
 
 constexpr std::array<std::string_view, 3> kEnum = {"on", "off", "unmap"};
 
-void decode(strata::qmp::ArgDecoder& d, const nlohmann::json& object, int depth) {
+void decode(strata::ArgDecoder& d, const nlohmann::json& object, int depth) {
   if (!object.is_object() || depth > 8) {
     return;
   }
@@ -56,7 +56,7 @@ void decode(strata::qmp::ArgDecoder& d, const nlohmann::json& object, int depth)
           for (size_t k = 0; k < list->size(); ++k) {
             const nlohmann::json& element = (*list)[k];
             if (element.is_object()) {
-              strata::qmp::ArgDecoder e = d.element_decoder(element, k, name);
+              strata::ArgDecoder e = d.element_decoder(element, k, name);
               decode(e, element, depth + 1);
               strata::ignore_error(e.finish(), "the parent reports it");
             } else {
@@ -84,7 +84,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!object.is_object()) {
       __builtin_trap();  // both syntaxes must yield an object
     }
-    strata::qmp::ArgDecoder d(object, "", !strata::qmp::option_is_json(text));
+    strata::ArgDecoder d(object, "", !strata::qmp::option_is_json(text));
     decode(d, object, 0);
     strata::Result<void> result = d.finish();
     // Command-line bytes need not be UTF-8; like QEMU's writer, replace invalid sequences.
@@ -94,6 +94,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     (void)object.dump(-1, ' ', false, kReplace);
   }
-  (void)strata::qmp::parse_size(text);
+  (void)strata::parse_size(text);
   return 0;
 }

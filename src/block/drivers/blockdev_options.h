@@ -10,13 +10,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "qmp/arg_decoder.h"
+#include "base/arg_decoder.h"
 #include "base/result.h"
 #include "block/graph/node.h"
-
-namespace strata {
-using qmp::ArgDecoder;
-}
 
 namespace strata::block {
 

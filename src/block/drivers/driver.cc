@@ -24,7 +24,8 @@ Result<Child*> OpenContext::attach(Node& parent, const BlockdevRef& ref, std::st
     Node* existing = graph_.find(ref.node_name);
     if (existing == nullptr) {
       return make_error(ErrorKind::kNotFound,
-                        "Cannot find device='' nor node-name='" + ref.node_name + "'");
+                        "Cannot find device='" + ref.node_name + "' nor node-name='" +
+                            ref.node_name + "'");
     }
     child = existing->shared_from_this();
   }
@@ -49,6 +50,11 @@ Result<std::shared_ptr<Node>> open_blockdev(Graph& graph, const BlockdevOptions&
     }
   }
   CommonOptions common = options.resolve(parent);
+  if (common.detect_zeroes == "unmap" && common.discard != "unmap") {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "setting detect-zeroes to unmap is not allowed without setting discard "
+                      "operation to unmap");
+  }
   if (common.force_share && !common.read_only) {
     return make_error(ErrorKind::kInvalidArgument,
                       "force-share=on can only be used with read-only images");

@@ -108,7 +108,10 @@ void Graph::remove_monitor_ref(Node& node) {
 }
 
 void Graph::node_destroyed(Node& node) {
-  by_name_.erase(node.name());
+  // A node that failed to open was never registered; its name may belong to another node.
+  if (auto it = by_name_.find(node.name()); it != by_name_.end() && it->second == &node) {
+    by_name_.erase(it);
+  }
   creation_order_.erase(std::remove(creation_order_.begin(), creation_order_.end(), &node),
                         creation_order_.end());
   // Children lose a parent: their permissions can only shrink.
@@ -242,6 +245,9 @@ Result<Child*> Graph::attach_child(Node& parent, std::shared_ptr<Node> child, st
                                   child->name(), name, parent.name()));
   }
   Node* child_node = child.get();
+  // The parent may not be registered yet (it is still opening); it must still detach its
+  // children when it dies.
+  parent.graph_ = this;
   auto edge = std::make_unique<Child>(&parent, &parent, std::move(child), std::move(name), role);
   Child* raw_edge = edge.get();
   uint64_t perm = 0;

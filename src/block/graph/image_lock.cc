@@ -17,8 +17,12 @@ constexpr int kLockPermBase = 100;
 constexpr int kLockSharedBase = 200;
 constexpr int kPermBits = 4;  // bits of kPermAll
 
-int setlk_op() { return ImageLock::ofd_supported() ? F_OFD_SETLK : F_SETLK; }
-int getlk_op() { return ImageLock::ofd_supported() ? F_OFD_GETLK : F_GETLK; }
+int setlk_op() {
+  return ImageLock::ofd_supported() ? F_OFD_SETLK : F_SETLK;
+}
+int getlk_op() {
+  return ImageLock::ofd_supported() ? F_OFD_GETLK : F_GETLK;
+}
 
 // 0 or an errno (qemu_lock_fd / qemu_unlock_fd).
 int set_byte(int fd, int offset, short type) {
@@ -171,6 +175,16 @@ void ImageLock::release() {
   shared_ = kPermAll;
   ignore_error(apply(0, 0, /*unlock=*/true),
                "closing the fd drops any byte a failed unlock left behind");
+}
+
+Result<void> ImageLock::adopt(uint64_t perm, uint64_t shared) {
+  auto applied = apply(perm & kPermAll, ~shared & kPermAll, /*unlock=*/true);
+  if (!applied) {
+    return applied;
+  }
+  perm_ = perm & kPermAll;
+  shared_ = shared & kPermAll;
+  return ok();
 }
 
 }  // namespace strata::block

@@ -14,8 +14,8 @@
 // When the kernel lacks OFD locks (ofd_supported() == false) the class falls back to process-
 // associated F_SETLK/F_GETLK like QEMU does; then locks do not conflict within one process and are
 // lost when the process closes any descriptor of the file. Warning the user about that is the
-// caller's business (QEMU prints "File lock requested but OFD locking syscall is unavailable, falling
-// back to POSIX file locks").
+// caller's business (QEMU prints "File lock requested but OFD locking syscall is unavailable,
+// falling back to POSIX file locks").
 //
 // The class never opens or closes the file: it borrows `fd`, which must stay open for the lifetime
 // of the object. Closing the fd drops every lock (the kernel does it); release() drops them while
@@ -58,6 +58,12 @@ class ImageLock {
   // RAW_PL_ABORT: back to exactly the committed byte set.
   void abort();
 
+  // Takes the bytes of (perm, shared) without probing for conflicts and makes them the committed
+  // set. For a second descriptor of a file whose first descriptor already passed prepare() for
+  // the same set (a reopen moves the locks to a new descriptor): probing from the new one would
+  // see the old one's locks as conflicts.
+  [[nodiscard]] Result<void> adopt(uint64_t perm, uint64_t shared);
+
   // Drops every byte and resets the committed set to (0, kPermAll). The fd stays open.
   void release();
 
@@ -81,8 +87,8 @@ class ImageLock {
 
   int fd_;
   std::string filename_;
-  uint64_t perm_ = 0;       // committed
-  uint64_t shared_;         // committed
+  uint64_t perm_ = 0;             // committed
+  uint64_t shared_;               // committed
   uint64_t locked_perm_ = 0;      // bits whose byte 100+i is currently locked
   uint64_t locked_unshared_ = 0;  // bits whose byte 200+i is currently locked
   std::string conflict_hint_;

@@ -1,7 +1,6 @@
 #include "block/graph/node.h"
 
 #include <cerrno>
-#include <cstdlib>
 #include <vector>
 
 #include "block/graph/graph.h"
@@ -24,10 +23,19 @@ Node::~Node() {
 }
 
 std::string Node::filename() const {
-  if (Child* primary = primary_child(); primary != nullptr && is_filter()) {
-    return primary->node()->filename();
+  if (auto exact = exact_filename()) {
+    return *exact;
   }
-  return "json:" + open_options_.dump();
+  return "json:" + full_options().dump();
+}
+
+nlohmann::json Node::full_options() const {
+  nlohmann::json options = strong_options();
+  options["driver"] = driver_name();
+  for (const auto& c : children_) {
+    options[c->name()] = c->node()->full_options();
+  }
+  return options;
 }
 
 aio::Task<Result<void>> Node::co_pwritev(uint64_t, uint64_t, IoVector, uint32_t) {
@@ -35,10 +43,7 @@ aio::Task<Result<void>> Node::co_pwritev(uint64_t, uint64_t, IoVector, uint32_t)
 }
 
 aio::Task<Result<void>> Node::co_flush() {
-  if (Child* primary = primary_child(); primary != nullptr) {
-    auto result = co_await io::flush(*primary->node());
-    co_return result;
-  }
+  // Nothing of the node's own to flush; io::flush then flushes the children it writes to.
   co_return ok();
 }
 
@@ -47,30 +52,9 @@ aio::Task<Result<void>> Node::co_pdiscard(uint64_t, uint64_t) {
   co_return ok();
 }
 
-aio::Task<Result<void>> Node::co_pwrite_zeroes(uint64_t offset, uint64_t bytes, uint32_t flags) {
-  if ((flags & kRequestNoFallback) != 0) {
-    co_return Error::from_errno(ENOTSUP, "Fast write-zeroes not supported");
-  }
-  constexpr uint64_t kChunk = 1 << 20;
-  size_t alignment = limits_.memory_alignment > 64 ? limits_.memory_alignment : 64;
-  size_t buffer_size = static_cast<size_t>(bytes < kChunk ? bytes : kChunk);
-  size_t rounded = (buffer_size + alignment - 1) / alignment * alignment;
-  void* raw = std::aligned_alloc(alignment, rounded);
-  if (raw == nullptr) {
-    co_return Error::from_errno(ENOMEM, "Could not allocate zero buffer");
-  }
-  std::unique_ptr<void, decltype(&std::free)> zeroes(raw, &std::free);
-  std::memset(raw, 0, rounded);
-  while (bytes > 0) {
-    uint64_t chunk = bytes < buffer_size ? bytes : buffer_size;
-    auto written = co_await co_pwritev(offset, chunk, IoVector(raw, chunk), flags & kRequestFua);
-    if (!written) {
-      co_return written;
-    }
-    offset += chunk;
-    bytes -= chunk;
-  }
-  co_return ok();
+aio::Task<Result<void>> Node::co_pwrite_zeroes(uint64_t, uint64_t, uint32_t) {
+  // The request layer falls back to writing zeroed buffers (bounded, aligned, split).
+  co_return Error::from_errno(ENOTSUP, "Driver has no efficient write-zeroes");
 }
 
 aio::Task<Result<BlockStatus>> Node::co_block_status(uint64_t offset, uint64_t bytes) {

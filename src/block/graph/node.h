@@ -95,6 +95,10 @@ enum RequestFlags : uint32_t {
   kRequestMayUnmap = 1u << 1,    // write-zeroes may deallocate
   kRequestNoFallback = 1u << 2,  // write-zeroes must be fast or fail with ENOTSUP
   kRequestSerialising = 1u << 3, // wait for and block overlapping requests (RMW, COW)
+  // A read that does not wait for serialising requests (QEMU's BDRV_REQ_NO_SERIALISING): write
+  // notifiers such as copy-before-write read old data while the write that triggered them holds
+  // its range.
+  kRequestNoSerialising = 1u << 16,
 };
 
 // Result of a block-status query over [offset, offset + bytes).
@@ -141,8 +145,16 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   // The options the node was opened with, as given (used for json: pseudo-filenames and reopen).
   const nlohmann::json& open_options() const { return open_options_; }
   void set_open_options(nlohmann::json options) { open_options_ = std::move(options); }
-  // QEMU's bs->filename: a plain path for file-backed nodes, else a json:{...} pseudo-filename.
-  virtual std::string filename() const;
+  // QEMU's bs->filename: the exact filename when there is one, else a json:{...} pseudo-filename
+  // built from full_options() (bdrv_refresh_filename).
+  std::string filename() const;
+  // A plain filename that alone reopens this node ("/path/img", "null-co://"), or nullopt.
+  virtual std::optional<std::string> exact_filename() const { return std::nullopt; }
+  // {"driver": ..., strong options..., child name: child's full options...}: the options that
+  // define what the node reads (QEMU leaves out node-name, read-only, cache and the like).
+  nlohmann::json full_options() const;
+  // The driver's own options that change what the node reads (QEMU's strong_runtime_opts).
+  virtual nlohmann::json strong_options() const { return nlohmann::json::object(); }
   // True when this node is a filter whose only data comes from its filtered child.
   virtual bool is_filter() const { return false; }
   std::string parent_description() const override { return "node '" + name() + "'"; }
@@ -155,9 +167,10 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
                                             uint32_t flags) = 0;
   virtual aio::Task<Result<void>> co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
                                              uint32_t flags);
+  // Default: nothing to flush (the request layer flushes the children written through).
   virtual aio::Task<Result<void>> co_flush();
   virtual aio::Task<Result<void>> co_pdiscard(uint64_t offset, uint64_t bytes);
-  // Default: writes a zeroed bounce buffer through co_pwritev, unless kRequestNoFallback.
+  // Default: ENOTSUP, and the request layer writes zeroed buffers instead.
   virtual aio::Task<Result<void>> co_pwrite_zeroes(uint64_t offset, uint64_t bytes,
                                                    uint32_t flags);
   // Default: everything is data (or delegated to the primary child for filters).
@@ -222,6 +235,8 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   // ImageInfo "format-specific" member, or null.
   virtual nlohmann::json format_specific_info() const { return nullptr; }
   virtual std::optional<uint64_t> cluster_size() const { return std::nullopt; }
+  // ImageInfo "dirty-flag" for drivers that report image info (QEMU: drivers with get_info).
+  virtual std::optional<bool> dirty_flag() const { return std::nullopt; }
 
   // The graph the node is registered in, or nullptr before registration.
   Graph* graph() const { return graph_; }

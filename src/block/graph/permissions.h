@@ -1,7 +1,8 @@
 #pragma once
 // Permissions a parent takes on a node and shares with other parents (QEMU's BLK_PERM_*,
-// include/block/block-common.h). The bit values are part of the on-disk lock protocol: bit i maps to
-// lock bytes 100+i and 200+i of an image file (see image_lock.h), so they must not be renumbered.
+// include/block/block-common.h). The bit values are part of the on-disk lock protocol: bit i maps
+// to lock bytes 100+i and 200+i of an image file (see image_lock.h), so they must not be
+// renumbered.
 
 #include <cstdint>
 #include <string>
@@ -9,10 +10,10 @@
 namespace strata::block {
 
 enum : uint64_t {
-  kPermConsistentRead = 1,   // reads return consistent data (no pending copy-on-read etc.)
-  kPermWrite = 2,            // guest-visible content may change
-  kPermWriteUnchanged = 4,   // writes that keep the content the same (e.g. stream, COR)
-  kPermResize = 8,           // the length may change
+  kPermConsistentRead = 1,  // reads return consistent data (no pending copy-on-read etc.)
+  kPermWrite = 2,           // guest-visible content may change
+  kPermWriteUnchanged = 4,  // writes that keep the content the same (e.g. stream, COR)
+  kPermResize = 8,          // the length may change
   kPermAll = 15,
 };
 

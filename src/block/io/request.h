@@ -34,12 +34,6 @@
 
 namespace strata::block {
 
-// Request flag of the request layer (next to node.h's RequestFlags; never passed to drivers):
-// read without waiting for overlapping serialising requests. For write notifiers
-// (copy-before-write) that read the old data of the range being written (QEMU's
-// BDRV_REQ_NO_SERIALISING).
-inline constexpr uint32_t kRequestNoSerialising = 1u << 16;
-
 namespace io {
 
 // Largest bounce buffer the layer allocates per chunk (unaligned or misaligned requests and the

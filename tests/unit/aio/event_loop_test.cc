@@ -112,12 +112,6 @@ TEST(EventLoopTest, PostFromAnotherThreadWakesLoop) {
   EXPECT_EQ(value, 42);
 }
 
-}  // namespace
-}  // namespace strata::aio
-
-namespace strata::aio {
-namespace {
-
 // A frame whose completion was already taken off the completion ring (by another frame's
 // cancellation) must still be destroyable: its request is finished, nothing is left to cancel.
 TEST(EventLoopTest, DestroyingFramesWhoseCompletionsWereReapedByAnotherCancel) {
@@ -247,12 +241,16 @@ Task<HopTrace> hop_there_and_back(EventLoop& home, EventLoop& other) {
 TEST(EventLoopTest, HopToLoopOnAnotherThreadAndBack) {
   auto home = make_loop();
   auto other = make_loop();
-  std::thread other_thread([&] { other->run(); });
+  std::thread::id other_id;
+  std::thread other_thread([&] {
+    other_id = std::this_thread::get_id();
+    other->run();
+  });
   HopTrace trace = home->block_on(hop_there_and_back(*home, *other));
   other->stop();
   other_thread.join();
   EXPECT_EQ(trace.start, std::this_thread::get_id());
-  EXPECT_EQ(trace.away, other_thread.get_id() == std::thread::id() ? trace.away : trace.away);
+  EXPECT_EQ(trace.away, other_id);
   EXPECT_NE(trace.away, trace.start);
   EXPECT_EQ(trace.away_loop, other.get());
   EXPECT_EQ(trace.back, trace.start);

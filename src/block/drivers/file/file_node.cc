@@ -70,9 +70,6 @@ FileNode::~FileNode() {
   if (fd_ >= 0) {
     ::close(fd_);
   }
-  if (lock_fd_ >= 0) {
-    ::close(lock_fd_);  // drops every lock byte of this node
-  }
 }
 
 Result<int> FileNode::open_data_fd(bool writable) const {
@@ -118,11 +115,7 @@ Result<void> FileNode::open_files() {
 
   locking_enabled_ = locking_ == "on" || (locking_ == "auto" && ImageLock::ofd_supported());
   if (locking_enabled_) {
-    lock_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (lock_fd_ < 0) {
-      return Error::from_errno(errno, "Could not open '" + path_ + "'");
-    }
-    lock_.emplace(lock_fd_, path_);
+    lock_.emplace(fd_, path_);
   }
   if (options_.cache_direct) {
     auto probed = probe_alignment();
@@ -363,7 +356,7 @@ Result<std::function<void()>> FileNode::prepare_reopen(const DriverOptions& opti
 }
 
 Result<void> FileNode::check_perm(uint64_t perm, uint64_t shared) {
-  // Reopen the data descriptor when the need for writing changes (dynamic auto-read-only).
+  // Reopen the descriptor when the need for writing changes (dynamic auto-read-only).
   bool want_writable =
       !options_.read_only && (needs_write(perm) || !options_.auto_read_only);
   if (want_writable != fd_writable_) {
@@ -373,42 +366,69 @@ Result<void> FileNode::check_perm(uint64_t perm, uint64_t shared) {
     }
     pending_fd_ = *fd;
   }
-  // An inactive node keeps its locks as they are (QEMU skips lock changes while inactive).
-  if (lock_ && active_) {
+  auto fail = [this](Error error) -> Result<void> {
+    if (pending_lock_) {
+      lock_->abort();
+      pending_lock_ = false;
+    }
+    pending_fd_lock_.reset();
+    if (pending_fd_ >= 0) {
+      ::close(pending_fd_);  // drops whatever it had locked
+      pending_fd_ = -1;
+    }
+    return error;
+  };
+  if (!lock_) {
+    return ok();
+  }
+  // Conflicts are probed from the current descriptor, which does not see its own locks. An
+  // inactive node keeps its locks as they are (QEMU skips lock changes while inactive).
+  uint64_t lock_perm = active_ ? perm : lock_->perm();
+  uint64_t lock_shared = active_ ? shared : lock_->shared();
+  if (active_) {
     auto locked = lock_->prepare(perm, shared);
     if (!locked) {
-      if (pending_fd_ >= 0) {
-        ::close(pending_fd_);
-        pending_fd_ = -1;
-      }
-      return locked;
+      return fail(std::move(locked).error());
     }
     pending_lock_ = true;
+  }
+  if (pending_fd_ >= 0) {
+    pending_fd_lock_.emplace(pending_fd_, path_);
+    auto copied = pending_fd_lock_->adopt(lock_perm, lock_shared);
+    if (!copied) {
+      return fail(std::move(copied).error());
+    }
   }
   return ok();
 }
 
 void FileNode::set_perm(uint64_t perm, uint64_t shared) {
-  if (pending_fd_ >= 0) {
-    ::close(fd_);
-    fd_ = pending_fd_;
-    fd_writable_ = !fd_writable_;
-    pending_fd_ = -1;
-  }
   if (pending_lock_) {
     lock_->commit(perm, shared);
     pending_lock_ = false;
   }
+  if (pending_fd_ >= 0) {
+    ::close(fd_);  // its lock bytes go with it; the new descriptor already holds them
+    fd_ = pending_fd_;
+    fd_writable_ = !fd_writable_;
+    pending_fd_ = -1;
+    if (pending_fd_lock_) {
+      lock_.reset();
+      lock_.emplace(std::move(*pending_fd_lock_));
+      pending_fd_lock_.reset();
+    }
+  }
 }
 
 void FileNode::abort_perm() {
-  if (pending_fd_ >= 0) {
-    ::close(pending_fd_);
-    pending_fd_ = -1;
-  }
   if (pending_lock_) {
     lock_->abort();
     pending_lock_ = false;
+  }
+  pending_fd_lock_.reset();
+  if (pending_fd_ >= 0) {
+    ::close(pending_fd_);
+    pending_fd_ = -1;
   }
 }
 

@@ -1,11 +1,11 @@
 #pragma once
 // The `file` protocol driver: a regular file or block device, I/O through io_uring.
 //
-// Read-only handling: the node keeps a dedicated read-only descriptor that carries the QEMU-
-// compatible lock bytes for the node's whole life, and a data descriptor that is read-write only
-// while some parent holds write or resize permission (auto-read-only is dynamic: the data
-// descriptor is reopened read-write when the first writer attaches and read-only again when the
-// last one leaves). Keeping the locks on one descriptor means reopening never drops them.
+// Read-only handling: the node has one descriptor, read-write only while it must be: an
+// auto-read-only node opens read-only and reopens read-write when the first writer attaches, and
+// read-only again when the last one leaves (QEMU's dynamic auto-read-only). The QEMU-compatible
+// lock bytes live on that descriptor; a reopen copies them to the new descriptor before the old
+// one is closed, so they are never dropped.
 
 #include <optional>
 #include <string>
@@ -32,7 +32,12 @@ class FileNode final : public Node {
   ~FileNode() override;
 
   const char* driver_name() const override { return "file"; }
-  std::string filename() const override { return path_; }
+  std::optional<std::string> exact_filename() const override { return path_; }
+  nlohmann::json strong_options() const override { return {{"filename", path_}}; }
+  nlohmann::json format_specific_info() const override {
+    return {{"type", "file"}, {"data", nlohmann::json::object()}};
+  }
+  std::optional<bool> dirty_flag() const override { return false; }
 
   aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
                                     uint32_t flags) override;
@@ -67,10 +72,10 @@ class FileNode final : public Node {
   std::string path_;
   std::string locking_;
   bool locking_enabled_ = false;
-  int lock_fd_ = -1;
   int fd_ = -1;
   bool fd_writable_ = false;
   int pending_fd_ = -1;  // new data descriptor between check_perm and set_perm/abort_perm
+  std::optional<ImageLock> pending_fd_lock_;  // the lock bytes, copied onto pending_fd_
   bool pending_lock_ = false;
   uint64_t length_ = 0;
   bool is_block_device_ = false;

@@ -8,7 +8,14 @@ namespace strata::block {
 
 std::unique_ptr<DriverOptions> NullNode::parse(ArgDecoder& d) {
   auto options = std::make_unique<NullOptions>();
-  options->size = d.opt_i64("size").value_or(1ll << 30);
+  if (auto size = d.opt_i64("size")) {
+    if (*size < 0) {
+      d.fail(make_error(ErrorKind::kInvalidArgument,
+                        "Value '" + std::to_string(*size) + "' is out of range for parameter 'size'"));
+    } else {
+      options->size = static_cast<uint64_t>(*size);
+    }
+  }
   options->latency_ns = d.opt_u64("latency-ns").value_or(0);
   options->read_zeroes = d.opt_bool("read-zeroes").value_or(false);
   return options;
@@ -31,17 +38,31 @@ Result<std::shared_ptr<Node>> NullNode::open_aio(OpenContext& context,
 NullNode::NullNode(CommonOptions common, const NullOptions& options, const char* driver)
     : Node(std::move(common)),
       driver_(driver),
-      size_(options.size),
+      size_(options.size.value_or(1ull << 30)),
       latency_ns_(options.latency_ns),
-      read_zeroes_(options.read_zeroes) {}
+      read_zeroes_(options.read_zeroes),
+      size_given_(options.size.has_value()) {}
 
-std::string NullNode::filename() const {
-  // QEMU's null driver reports "null-co://" unless options make a json: filename necessary.
-  if (!open_options().contains("size") && !open_options().contains("latency-ns") &&
-      !open_options().contains("read-zeroes")) {
+std::optional<std::string> NullNode::exact_filename() const {
+  // "null-co://" alone reopens a default null node; any strong option needs a json: filename.
+  if (strong_options().empty()) {
     return std::string(driver_) + "://";
   }
-  return Node::filename();
+  return std::nullopt;
+}
+
+nlohmann::json NullNode::strong_options() const {
+  nlohmann::json options = nlohmann::json::object();
+  if (size_given_) {
+    options["size"] = size_;
+  }
+  if (read_zeroes_) {
+    options["read-zeroes"] = true;
+  }
+  if (latency_ns_ != 0) {
+    options["latency-ns"] = latency_ns_;
+  }
+  return options;
 }
 
 aio::Task<void> NullNode::simulate_latency() {

@@ -9,7 +9,7 @@
 namespace strata::block {
 
 struct NullOptions : DriverOptions {
-  uint64_t size = 1ull << 30;
+  std::optional<uint64_t> size;
   uint64_t latency_ns = 0;
   bool read_zeroes = false;
 };
@@ -24,7 +24,8 @@ class NullNode final : public Node {
   NullNode(CommonOptions common, const NullOptions& options, const char* driver);
 
   const char* driver_name() const override { return driver_; }
-  std::string filename() const override;
+  std::optional<std::string> exact_filename() const override;
+  nlohmann::json strong_options() const override;
 
   aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
                                     uint32_t flags) override;
@@ -35,7 +36,7 @@ class NullNode final : public Node {
                                            uint32_t flags) override;
   aio::Task<Result<BlockStatus>> co_block_status(uint64_t offset, uint64_t bytes) override;
   uint64_t length() const override { return size_; }
-  std::optional<uint64_t> allocated_size() const override { return std::nullopt; }
+  std::optional<uint64_t> allocated_size() const override { return 0; }
 
  private:
   aio::Task<void> simulate_latency();
@@ -44,6 +45,7 @@ class NullNode final : public Node {
   uint64_t size_;
   uint64_t latency_ns_;
   bool read_zeroes_;
+  bool size_given_;
 };
 
 }  // namespace strata::block

@@ -9,21 +9,34 @@ std::unique_ptr<DriverOptions> RawNode::parse(ArgDecoder& d) {
   if (auto file = parse_blockdev_ref(d, "file", true)) {
     options->file = std::move(*file);
   }
-  options->offset = d.opt_u64("offset");
-  options->size = d.opt_u64("size");
+  // QAPI declares both as int; the range is checked when the node opens, after its child.
+  options->offset = d.opt_i64("offset");
+  options->size = d.opt_i64("size");
   return options;
 }
 
 Result<std::shared_ptr<Node>> RawNode::open(OpenContext& context, const BlockdevOptions& options) {
   const auto& raw = static_cast<const RawOptions&>(*options.driver_options);
-  auto node = std::make_shared<RawNode>(context.options(), raw.offset.value_or(0), raw.size);
+  std::optional<uint64_t> size;
+  if (raw.size && *raw.size >= 0) {
+    size = static_cast<uint64_t>(*raw.size);
+  }
+  uint64_t offset = raw.offset && *raw.offset > 0 ? static_cast<uint64_t>(*raw.offset) : 0;
+  auto node = std::make_shared<RawNode>(context.options(), offset, size);
   // QEMU's raw_open: a plain raw node filters its file; a window makes the file a data child.
   uint32_t role = node->has_window() ? (kRoleData | kRolePrimary) : (kRoleFiltered | kRolePrimary);
   auto child = context.attach(*node, raw.file, "file", role);
   if (!child) {
     return std::move(child).error();
   }
-  auto window = check_window(raw.offset.value_or(0), raw.size, (*child)->node()->length());
+  for (const auto& [name, value] : {std::pair{"offset", raw.offset}, std::pair{"size", raw.size}}) {
+    if (value && *value < 0) {
+      return make_error(ErrorKind::kInvalidArgument, "Value '" + std::to_string(*value) +
+                                                         "' is out of range for parameter '" +
+                                                         name + "'");
+    }
+  }
+  auto window = check_window(node->offset_, node->size_, (*child)->node()->length());
   if (!window) {
     return std::move(window).error();
   }
@@ -58,12 +71,22 @@ Result<std::function<void()>> RawNode::prepare_reopen(const DriverOptions& optio
   if (raw.file.inline_options || raw.file.node_name != file().name()) {
     return make_error(ErrorKind::kUnsupported, "Cannot change the option 'file'");
   }
-  uint64_t offset = raw.offset.value_or(0);
-  auto window = check_window(offset, raw.size, file().length());
+  for (const auto& [name, value] : {std::pair{"offset", raw.offset}, std::pair{"size", raw.size}}) {
+    if (value && *value < 0) {
+      return make_error(ErrorKind::kInvalidArgument, "Value '" + std::to_string(*value) +
+                                                         "' is out of range for parameter '" +
+                                                         name + "'");
+    }
+  }
+  uint64_t offset = raw.offset ? static_cast<uint64_t>(*raw.offset) : 0;
+  std::optional<uint64_t> size;
+  if (raw.size) {
+    size = static_cast<uint64_t>(*raw.size);
+  }
+  auto window = check_window(offset, size, file().length());
   if (!window) {
     return std::move(window).error();
   }
-  std::optional<uint64_t> size = raw.size;
   return std::function<void()>([this, offset, size] {
     offset_ = offset;
     size_ = size;
@@ -73,11 +96,22 @@ Result<std::function<void()>> RawNode::prepare_reopen(const DriverOptions& optio
 RawNode::RawNode(CommonOptions common, uint64_t offset, std::optional<uint64_t> size)
     : Node(std::move(common)), offset_(offset), size_(size) {}
 
-std::string RawNode::filename() const {
-  if (!has_window()) {
-    return file().filename();
+std::optional<std::string> RawNode::exact_filename() const {
+  if (has_window()) {
+    return std::nullopt;
   }
-  return Node::filename();
+  return file().exact_filename();
+}
+
+nlohmann::json RawNode::strong_options() const {
+  nlohmann::json options = nlohmann::json::object();
+  if (offset_ != 0) {
+    options["offset"] = offset_;
+  }
+  if (size_) {
+    options["size"] = *size_;
+  }
+  return options;
 }
 
 uint64_t RawNode::length() const {

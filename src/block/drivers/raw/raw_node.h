@@ -10,8 +10,8 @@ namespace strata::block {
 
 struct RawOptions : DriverOptions {
   BlockdevRef file;
-  std::optional<uint64_t> offset;
-  std::optional<uint64_t> size;
+  std::optional<int64_t> offset;
+  std::optional<int64_t> size;
 };
 
 class RawNode final : public Node {
@@ -22,7 +22,9 @@ class RawNode final : public Node {
   RawNode(CommonOptions common, uint64_t offset, std::optional<uint64_t> size);
 
   const char* driver_name() const override { return "raw"; }
-  std::string filename() const override;
+  std::optional<std::string> exact_filename() const override;
+  nlohmann::json strong_options() const override;
+  std::optional<bool> dirty_flag() const override { return file().dirty_flag(); }
 
   aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
                                     uint32_t flags) override;

@@ -30,7 +30,7 @@
 
 #include "base/result.h"
 
-namespace strata::qmp {
+namespace strata {
 
 class ArgDecoder {
  public:
@@ -141,4 +141,4 @@ class ArgDecoder {
 // case), a fraction when scaled ("1.5k"), or 0x hex without suffix. nullopt if invalid or too big.
 std::optional<uint64_t> parse_size(std::string_view text);
 
-}  // namespace strata::qmp
+}  // namespace strata

@@ -1,4 +1,4 @@
-#include "qmp/arg_decoder.h"
+#include "base/arg_decoder.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -9,7 +9,7 @@
 
 #include <fmt/format.h>
 
-namespace strata::qmp {
+namespace strata {
 namespace {
 
 const nlohmann::json& empty_object() {
@@ -559,4 +559,4 @@ Result<void> ArgDecoder::finish() {
   return ok();
 }
 
-}  // namespace strata::qmp
+}  // namespace strata

@@ -1,0 +1,50 @@
+# Front door of the build. The real build is CMake (CMakePresets.json); these targets install what
+# is missing (Debian packages via apt-get), configure and build.
+#   make            optimized binary at build/strata
+#   make demo       build, then run `strata daemon` on its embedded default
+#   make test       sanitizer build (build-asan/) and every test through CTest
+#   make test-long  soaks and slow tests
+#   make bench      benchmarks side by side with QEMU's tools and fio
+#   make fuzz       libFuzzer targets (clang), each run briefly
+#   make format     rewrite the tree with clang-format
+
+.PHONY: all build deps deps-peers demo test test-long bench fuzz format clean
+
+all: build
+
+deps:
+	@scripts/install-deps
+
+deps-peers:
+	@scripts/install-deps --peers
+
+build: deps
+	cmake --preset release
+	cmake --build --preset release
+
+demo: build
+	./build/strata daemon
+
+test: deps-peers
+	cmake --preset asan
+	cmake --build --preset asan
+	ctest --preset asan
+
+test-long: test
+	STRATA_LONG=1 ctest --preset asan
+
+bench: deps-peers
+	cmake --preset release
+	cmake --build --preset release-all
+	scripts/run-benchmarks
+
+fuzz: deps
+	cmake --preset fuzz
+	cmake --build --preset fuzz
+	scripts/run-fuzzers
+
+format:
+	scripts/check-format --fix
+
+clean:
+	rm -rf build build-asan build-fuzz
