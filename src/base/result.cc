@@ -75,6 +75,8 @@ Error Error::with_prefix(const std::string& prefix) const {
   return copy;
 }
 
-Error make_error(ErrorKind kind, std::string message) { return Error(kind, std::move(message)); }
+Error make_error(ErrorKind kind, std::string message) {
+  return Error(kind, std::move(message));
+}
 
 }  // namespace strata

@@ -17,10 +17,10 @@
 #include <vector>
 
 #include "aio/task_group.h"
+#include "base/arg_decoder.h"
 #include "base/keyval.h"
 #include "cli/commands.h"
 #include "daemon/daemon.h"
-#include "base/arg_decoder.h"
 
 namespace strata::cli {
 
@@ -290,8 +290,9 @@ int daemon_main(int argc, char** argv) {
           fail_option("chardev", argument, decoded.error().message());
         }
         if (chardevs.count(id) != 0) {
-          fail_option("chardev", argument, "attempt to add duplicate property '" + id +
-                                               "' to object (type 'container')");
+          fail_option(
+              "chardev", argument,
+              "attempt to add duplicate property '" + id + "' to object (type 'container')");
         }
         chardevs[id] = chardev;
         break;
@@ -321,7 +322,7 @@ int daemon_main(int argc, char** argv) {
         qmp::MonitorOptions monitor_options;
         monitor_options.pretty = pretty;
         if (it->second.backend == "stdio") {
-          daemon.monitors().serve_fd(STDIN_FILENO, monitor_options);
+          daemon.monitors().serve_fds(STDIN_FILENO, STDOUT_FILENO, monitor_options);
         } else {
           auto listening = daemon.monitors().listen_unix(it->second.path, monitor_options);
           if (!listening) {

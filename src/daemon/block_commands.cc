@@ -3,10 +3,11 @@
 
 #include <functional>
 
+#include "base/arg_decoder.h"
 #include "block/drivers/driver.h"
+#include "block/io/request.h"
 #include "daemon/daemon.h"
 #include "daemon/node_info.h"
-#include "base/arg_decoder.h"
 
 namespace strata::daemon {
 
@@ -20,6 +21,35 @@ Result<nlohmann::json> done(Result<void> result) {
   }
   return nlohmann::json::object();
 }
+
+// Graph changes run with the affected nodes quiesced: new requests wait, and the section starts
+// once the requests in flight have finished (QEMU's bdrv_drained_begin/end). The nodes are kept
+// alive until the section ends, even if the change deletes them.
+class DrainedSection {
+ public:
+  explicit DrainedSection(std::vector<block::Node*> nodes) {
+    for (block::Node* node : nodes) {
+      nodes_.push_back(node->shared_from_this());
+      block::io::drain_begin(*node);
+    }
+  }
+  ~DrainedSection() {
+    for (auto& node : nodes_) {
+      block::io::drain_end(*node);
+    }
+  }
+  DrainedSection(const DrainedSection&) = delete;
+  DrainedSection& operator=(const DrainedSection&) = delete;
+
+  aio::Task<void> wait() {
+    for (auto& node : nodes_) {
+      co_await block::io::drain(*node);
+    }
+  }
+
+ private:
+  std::vector<std::shared_ptr<block::Node>> nodes_;
+};
 
 Error failed_to_find(const std::string& name) {
   return make_error(ErrorKind::kNotFound, "Failed to find node with node-name='" + name + "'");
@@ -54,8 +84,7 @@ Result<void> blockdev_del(block::Graph& graph, const std::string& name) {
     return failed_to_find(name);
   }
   if (!graph.is_monitor_owned(*node)) {
-    return make_error(ErrorKind::kInvalidArgument,
-                      "Node " + name + " is not owned by the monitor");
+    return make_error(ErrorKind::kInvalidArgument, "Node " + name + " is not owned by the monitor");
   }
   for (const block::Child* parent : node->parents()) {
     if (parent->parent_node() == nullptr) {
@@ -108,7 +137,8 @@ Result<void> blockdev_reopen(block::Graph& graph, const nlohmann::json& args) {
     if (options.driver != entry.node->driver_name()) {
       return make_error(ErrorKind::kInvalidArgument, "Cannot change the option 'driver'");
     }
-    if (entry.node->created_inactive() || (options.active.value_or(false) && !entry.node->is_active())) {
+    if (entry.node->created_inactive() ||
+        (options.active.value_or(false) && !entry.node->is_active())) {
       return make_error(ErrorKind::kInvalidArgument,
                         "Option 'active' cannot be reset to its default value");
     }
@@ -168,9 +198,9 @@ Result<void> blockdev_set_active(block::Graph& graph, const nlohmann::json& args
   }
   auto result = graph.set_active(node, active);
   if (!result && node == nullptr && result.error().has_errno()) {
-    return Error::from_errno(result.error().errno_value(),
-                             active ? "Failed to activate all nodes"
-                                    : "Failed to inactivate all nodes");
+    return Error::from_errno(result.error().errno_value(), active
+                                                               ? "Failed to activate all nodes"
+                                                               : "Failed to inactivate all nodes");
   }
   return result;
 }
@@ -191,9 +221,13 @@ void Daemon::register_block_commands() {
     co_return done(blockdev_del(graph_, name));
   });
   commands_.add("blockdev-reopen", [this](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+    DrainedSection drained(graph_.nodes());
+    co_await drained.wait();
     co_return done(blockdev_reopen(graph_, args));
   });
   commands_.add("blockdev-set-active", [this](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+    DrainedSection drained(graph_.nodes());
+    co_await drained.wait();
     co_return done(blockdev_set_active(graph_, args));
   });
   commands_.add("query-named-block-nodes",

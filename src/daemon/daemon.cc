@@ -37,8 +37,7 @@ Daemon::Daemon(aio::EventLoop& main_loop)
 Daemon::~Daemon() = default;
 
 nlohmann::json Daemon::version_info() {
-  return {{"qemu", {{"major", 10}, {"minor", 0}, {"micro", 2}}},
-          {"package", "strata 0.1.0"}};
+  return {{"qemu", {{"major", 10}, {"minor", 0}, {"micro", 2}}}, {"package", "strata 0.1.0"}};
 }
 
 Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
@@ -88,53 +87,56 @@ void Daemon::register_commands() {
                   }
                   co_return version_info();
                 });
-  commands_.add("query-commands",
-                [this](const nlohmann::json& args,
-                       qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  ArgDecoder d(args);
-                  auto decoded = d.finish();
-                  if (!decoded) {
-                    co_return std::move(decoded).error();
-                  }
-                  nlohmann::json list = nlohmann::json::array();
-                  list.push_back({{"name", "qmp_capabilities"}});
-                  for (const auto& name : commands_.names()) {
-                    list.push_back({{"name", name}});
-                  }
-                  co_return list;
-                });
-  commands_.add("quit",
-                [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  ArgDecoder d(args);
-                  auto decoded = d.finish();
-                  if (!decoded) {
-                    co_return std::move(decoded).error();
-                  }
-                  monitors_.request_quit();
-                  co_return nlohmann::json::object();
-                });
-  commands_.add("object-add",
-                [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  auto added = object_add(args, false);
-                  if (!added) {
-                    co_return std::move(added).error();
-                  }
-                  co_return nlohmann::json::object();
-                });
-  commands_.add("object-del",
-                [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
-                  ArgDecoder d(args);
-                  std::string id = d.str("id");
-                  auto decoded = d.finish();
-                  if (!decoded) {
-                    co_return std::move(decoded).error();
-                  }
-                  auto deleted = object_del(id);
-                  if (!deleted) {
-                    co_return std::move(deleted).error();
-                  }
-                  co_return nlohmann::json::object();
-                });
+  commands_.add(
+      "query-commands",
+      [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+        ArgDecoder d(args);
+        auto decoded = d.finish();
+        if (!decoded) {
+          co_return std::move(decoded).error();
+        }
+        nlohmann::json list = nlohmann::json::array();
+        list.push_back({{"name", "qmp_capabilities"}});
+        for (const auto& name : commands_.names()) {
+          list.push_back({{"name", name}});
+        }
+        co_return list;
+      });
+  commands_.add(
+      "quit",
+      [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+        ArgDecoder d(args);
+        auto decoded = d.finish();
+        if (!decoded) {
+          co_return std::move(decoded).error();
+        }
+        monitors_.request_quit();
+        co_return nlohmann::json::object();
+      });
+  commands_.add(
+      "object-add",
+      [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+        auto added = object_add(args, false);
+        if (!added) {
+          co_return std::move(added).error();
+        }
+        co_return nlohmann::json::object();
+      });
+  commands_.add(
+      "object-del",
+      [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+        ArgDecoder d(args);
+        std::string id = d.str("id");
+        auto decoded = d.finish();
+        if (!decoded) {
+          co_return std::move(decoded).error();
+        }
+        auto deleted = object_del(id);
+        if (!deleted) {
+          co_return std::move(deleted).error();
+        }
+        co_return nlohmann::json::object();
+      });
 }
 
 void Daemon::stop() {

@@ -61,9 +61,8 @@ nlohmann::json block_device_info(const Node& node, bool flat) {
     info[key] = 0;
   }
   info["image"] = image_info(node, flat);
-  info["cache"] = {{"writeback", true},
-                   {"direct", options.cache_direct},
-                   {"no-flush", options.cache_no_flush}};
+  info["cache"] = {
+      {"writeback", true}, {"direct", options.cache_direct}, {"no-flush", options.cache_no_flush}};
   info["write_threshold"] = 0;
   return info;
 }

@@ -22,6 +22,61 @@ nlohmann::ordered_json timestamp_now() {
           {"microseconds", static_cast<int64_t>(tv.tv_usec)}};
 }
 
+// QEMU's pretty printer (qobject/qjson.c): 4-space indent, CRLF line ends, and containers that
+// always break the line, even when empty ("{\r\n    }").
+void append_pretty(const nlohmann::ordered_json& value, int indent, std::string& out) {
+  auto newline = [&](int width) {
+    out += "\r\n";
+    out.append(static_cast<size_t>(width), ' ');
+  };
+  if (value.is_object() || value.is_array()) {
+    bool object = value.is_object();
+    out += object ? '{' : '[';
+    bool first = true;
+    for (auto it = value.begin(); it != value.end(); ++it) {
+      if (!first) {
+        out += ',';
+      }
+      first = false;
+      newline(indent + 4);
+      if (object) {
+        out += nlohmann::ordered_json(it.key()).dump(-1, ' ', false,
+                                                     nlohmann::json::error_handler_t::replace);
+        out += ": ";
+      }
+      append_pretty(*it, indent + 4, out);
+    }
+    newline(indent);
+    out += object ? '}' : ']';
+    return;
+  }
+  out += value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+// QEMU's compact form: one line, ", " between members and ": " after keys.
+void append_compact(const nlohmann::ordered_json& value, std::string& out) {
+  if (value.is_object() || value.is_array()) {
+    bool object = value.is_object();
+    out += object ? '{' : '[';
+    bool first = true;
+    for (auto it = value.begin(); it != value.end(); ++it) {
+      if (!first) {
+        out += ", ";
+      }
+      first = false;
+      if (object) {
+        out += nlohmann::ordered_json(it.key()).dump(-1, ' ', false,
+                                                     nlohmann::json::error_handler_t::replace);
+        out += ": ";
+      }
+      append_compact(*it, out);
+    }
+    out += object ? '}' : ']';
+    return;
+  }
+  out += value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 Error qmp_error(std::string desc, const char* qmp_class = nullptr) {
   Error error(ErrorKind::kInvalidArgument, std::move(desc));
   return qmp_class != nullptr ? error.with_qmp_class(qmp_class) : error;
@@ -38,8 +93,8 @@ nlohmann::ordered_json error_object(const Error& error) {
 
 // ---- Monitor ----------------------------------------------------------------------------------
 
-Monitor::Monitor(MonitorHub& hub, int fd, MonitorOptions options)
-    : hub_(hub), fd_(fd), options_(options) {
+Monitor::Monitor(MonitorHub& hub, int in_fd, int out_fd, MonitorOptions options)
+    : hub_(hub), in_fd_(in_fd), out_fd_(out_fd), options_(options) {
   hub_.monitors_.push_back(this);
 }
 
@@ -52,7 +107,14 @@ void Monitor::send(const nlohmann::ordered_json& message) {
   if (peer_gone_) {
     return;
   }
-  std::string text = options_.pretty ? message.dump(4) : message.dump();
+  // Replies may carry bytes from outside (names, file paths) that are not valid UTF-8; they are
+  // written as U+FFFD, as QEMU's writer does.
+  std::string text;
+  if (options_.pretty) {
+    append_pretty(message, 0, text);
+  } else {
+    append_compact(message, text);
+  }
   text += "\r\n";
   outbox_.push_back(std::move(text));
   output_ready_.set();
@@ -61,7 +123,9 @@ void Monitor::send(const nlohmann::ordered_json& message) {
 void Monitor::close() {
   closing_ = true;
   output_ready_.set();
-  ::shutdown(fd_, SHUT_RD);  // wakes the pending recv with 0
+  // Wakes the pending read of a socket with end-of-file (a no-op on pipes and terminals, whose
+  // reads end when the hub's tasks are destroyed).
+  ::shutdown(in_fd_, SHUT_RD);
 }
 
 aio::Task<void> Monitor::write_loop() {
@@ -73,8 +137,9 @@ aio::Task<void> Monitor::write_loop() {
       for (const auto& text : batch) {
         size_t sent = 0;
         while (sent < text.size() && !peer_gone_) {
-          int n = co_await loop.send(fd_, text.data() + sent,
-                                     static_cast<uint32_t>(text.size() - sent));
+          // Offset -1: the stream's own position (sockets, pipes, terminals alike).
+          int n = co_await loop.write(out_fd_, text.data() + sent,
+                                      static_cast<uint32_t>(text.size() - sent), ~uint64_t{0});
           if (n == -EINTR || n == -EAGAIN) {
             continue;
           }
@@ -108,7 +173,8 @@ aio::Task<void> Monitor::serve() {
   aio::EventLoop& loop = hub_.loop();
   std::vector<char> buffer(64 * 1024);
   while (!closing_ && !peer_gone_) {
-    int n = co_await loop.recv(fd_, buffer.data(), static_cast<uint32_t>(buffer.size()));
+    int n = co_await loop.read(in_fd_, buffer.data(), static_cast<uint32_t>(buffer.size()),
+                               ~uint64_t{0});
     if (n == -EINTR || n == -EAGAIN) {
       continue;
     }
@@ -318,6 +384,7 @@ Result<void> MonitorHub::listen_unix(const std::string& path, MonitorOptions opt
 }
 
 aio::Task<void> MonitorHub::accept_loop(Listener* listener) {
+  co_await loop_.yield();  // see serve_stream
   while (!shutting_down_) {
     int fd = co_await loop_.accept(listener->fd, SOCK_CLOEXEC);
     if (fd == -EINTR || fd == -EAGAIN || fd == -ECONNABORTED) {
@@ -331,17 +398,21 @@ aio::Task<void> MonitorHub::accept_loop(Listener* listener) {
       break;
     }
     // One client at a time, as a QEMU socket chardev does.
-    Monitor monitor(*this, fd, listener->options);
+    Monitor monitor(*this, fd, fd, listener->options);
     co_await monitor.serve();
     ::close(fd);
   }
 }
 
-void MonitorHub::serve_fd(int fd, MonitorOptions options) {
-  tasks_.spawn([](MonitorHub& hub, int fd, MonitorOptions options) -> aio::Task<void> {
-    Monitor monitor(hub, fd, options);
-    co_await monitor.serve();
-  }(*this, fd, options));
+void MonitorHub::serve_fds(int in_fd, int out_fd, MonitorOptions options) {
+  tasks_.spawn(serve_stream(in_fd, out_fd, options));
+}
+
+aio::Task<void> MonitorHub::serve_stream(int in_fd, int out_fd, MonitorOptions options) {
+  // Monitors may be set up from the command line before the loop runs; start on the loop.
+  co_await loop_.yield();
+  Monitor monitor(*this, in_fd, out_fd, options);
+  co_await monitor.serve();
 }
 
 void MonitorHub::emit_event(std::string_view name, const nlohmann::json& data) {

@@ -32,7 +32,9 @@ class MonitorHub;
 // One client connection.
 class Monitor {
  public:
-  Monitor(MonitorHub& hub, int fd, MonitorOptions options);
+  // Reads requests from `in_fd` and writes replies to `out_fd` (the same socket, or stdin and
+  // stdout for --chardev stdio). The descriptors stay owned by the caller.
+  Monitor(MonitorHub& hub, int in_fd, int out_fd, MonitorOptions options);
   ~Monitor();
   Monitor(const Monitor&) = delete;
   Monitor& operator=(const Monitor&) = delete;
@@ -51,7 +53,8 @@ class Monitor {
   aio::Task<void> dispatch(const nlohmann::json& request);
 
   MonitorHub& hub_;
-  int fd_;
+  int in_fd_;
+  int out_fd_;
   MonitorOptions options_;
   bool negotiated_ = false;
   bool oob_enabled_ = false;
@@ -75,8 +78,8 @@ class MonitorHub {
   // Listens on a unix socket path (an existing socket file is replaced; mode 0600). Like a QEMU
   // socket chardev, one client is served at a time; the next waits in the backlog.
   Result<void> listen_unix(const std::string& path, MonitorOptions options);
-  // Serves one client on an already connected descriptor (--chardev stdio uses 0 and 1 merged).
-  void serve_fd(int fd, MonitorOptions options);
+  // Serves one client on already open descriptors (--chardev stdio: 0 and 1).
+  void serve_fds(int in_fd, int out_fd, MonitorOptions options);
 
   // Sends an event to every negotiated monitor: {"timestamp", "event", "data"?}.
   void emit_event(std::string_view name, const nlohmann::json& data = nullptr);
@@ -102,6 +105,7 @@ class MonitorHub {
     MonitorOptions options;
   };
   aio::Task<void> accept_loop(Listener* listener);
+  aio::Task<void> serve_stream(int in_fd, int out_fd, MonitorOptions options);
   void notify_quit_after_reply();
 
   aio::EventLoop& loop_;

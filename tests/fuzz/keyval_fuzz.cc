@@ -7,8 +7,8 @@
 #include <string>
 #include <string_view>
 
-#include "base/keyval.h"
 #include "base/arg_decoder.h"
+#include "base/keyval.h"
 #include "qmp/json_stream.h"
 
 namespace {

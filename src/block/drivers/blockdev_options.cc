@@ -80,9 +80,9 @@ std::optional<BlockdevRef> parse_blockdev_ref(ArgDecoder& d, std::string_view na
     return ref;
   }
   if (!member->is_object()) {
-    d.fail(make_error(ErrorKind::kInvalidArgument, "Invalid parameter type for '" +
-                                                       d.full_name(name) +
-                                                       "', expected: BlockdevRef"));
+    d.fail(make_error(
+        ErrorKind::kInvalidArgument,
+        "Invalid parameter type for '" + d.full_name(name) + "', expected: BlockdevRef"));
     return std::nullopt;
   }
   ArgDecoder child = d.nested(*member, name);

@@ -20,9 +20,9 @@ struct BlockdevOptions;
 
 // A child given by reference (node name) or inline (options of a new node).
 struct BlockdevRef {
-  std::string node_name;                    // when referencing an existing node
+  std::string node_name;                            // when referencing an existing node
   std::shared_ptr<BlockdevOptions> inline_options;  // when defining a new one
-  bool is_null = false;                     // `null` (only where allowed, e.g. backing)
+  bool is_null = false;                             // `null` (only where allowed, e.g. backing)
 };
 
 // Driver-specific members; each driver derives its own.

@@ -23,9 +23,8 @@ Result<Child*> OpenContext::attach(Node& parent, const BlockdevRef& ref, std::st
   } else {
     Node* existing = graph_.find(ref.node_name);
     if (existing == nullptr) {
-      return make_error(ErrorKind::kNotFound,
-                        "Cannot find device='" + ref.node_name + "' nor node-name='" +
-                            ref.node_name + "'");
+      return make_error(ErrorKind::kNotFound, "Cannot find device='" + ref.node_name +
+                                                  "' nor node-name='" + ref.node_name + "'");
     }
     child = existing->shared_from_this();
   }
@@ -36,8 +35,7 @@ Result<std::shared_ptr<Node>> open_blockdev(Graph& graph, const BlockdevOptions&
                                             const CommonOptions* parent) {
   const Driver* driver = find_driver(options.driver);
   if (driver == nullptr) {
-    return make_error(ErrorKind::kInvalidArgument,
-                      "Unknown driver '" + options.driver + "'");
+    return make_error(ErrorKind::kInvalidArgument, "Unknown driver '" + options.driver + "'");
   }
   if (options.node_name) {
     auto valid = Graph::check_node_name(*options.node_name);

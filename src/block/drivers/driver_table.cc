@@ -1,5 +1,6 @@
 // The list of drivers built into strata. A new driver adds one line here.
 
+#include "block/drivers/blkdebug/blkdebug_node.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/file/file_node.h"
 #include "block/drivers/null/null_node.h"
@@ -9,6 +10,7 @@ namespace strata::block {
 
 namespace {
 const Driver kDrivers[] = {
+    {"blkdebug", &BlkdebugNode::parse, &BlkdebugNode::open},
     {"file", &FileNode::parse, &FileNode::open},
     {"null-aio", &NullNode::parse, &NullNode::open_aio},
     {"null-co", &NullNode::parse, &NullNode::open_co},
@@ -16,6 +18,8 @@ const Driver kDrivers[] = {
 };
 }  // namespace
 
-std::span<const Driver> all_drivers() { return kDrivers; }
+std::span<const Driver> all_drivers() {
+  return kDrivers;
+}
 
 }  // namespace strata::block

@@ -57,7 +57,8 @@ Result<void> Graph::check_node_name(std::string_view name) {
     }
   }
   if (!valid) {
-    return make_error(ErrorKind::kInvalidArgument, "Invalid node-name: '" + std::string(name) + "'");
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Invalid node-name: '" + std::string(name) + "'");
   }
   if (name.size() > 31) {
     return make_error(ErrorKind::kInvalidArgument, "Node name too long");
@@ -65,7 +66,9 @@ Result<void> Graph::check_node_name(std::string_view name) {
   return ok();
 }
 
-bool Graph::name_in_use(std::string_view name) const { return by_name_.find(name) != by_name_.end(); }
+bool Graph::name_in_use(std::string_view name) const {
+  return by_name_.find(name) != by_name_.end();
+}
 
 Result<void> Graph::register_node(Node& node) {
   if (node.options_.node_name.empty()) {
@@ -90,7 +93,9 @@ std::vector<Node*> Graph::nodes() const {
   return std::vector<Node*>(creation_order_.rbegin(), creation_order_.rend());
 }
 
-void Graph::add_monitor_ref(std::shared_ptr<Node> node) { monitor_owned_.push_back(std::move(node)); }
+void Graph::add_monitor_ref(std::shared_ptr<Node> node) {
+  monitor_owned_.push_back(std::move(node));
+}
 
 bool Graph::is_monitor_owned(const Node& node) const {
   return std::any_of(monitor_owned_.begin(), monitor_owned_.end(),
@@ -151,9 +156,14 @@ void topological(Node* node, std::set<Node*>& seen, std::vector<Node*>& out) {
 }  // namespace
 
 Result<void> Graph::check_parents_compliance(const Node& node) {
-  // Every pair in both directions: `a` must share everything `b` takes (bdrv_a_allow_b).
-  for (const Child* a : node.parents()) {
-    for (const Child* b : node.parents()) {
+  // Every pair in both directions: `a` must share everything `b` takes (bdrv_a_allow_b). QEMU
+  // keeps parents newest first and reports the first conflict in that order, so when two users
+  // refuse each other the older one is named as requiring the permission.
+  const auto& parents = node.parents();
+  for (auto a_it = parents.rbegin(); a_it != parents.rend(); ++a_it) {
+    const Child* a = *a_it;
+    for (auto b_it = parents.rbegin(); b_it != parents.rend(); ++b_it) {
+      const Child* b = *b_it;
       if (a == b || (b->perm() & a->shared()) == b->perm()) {
         continue;
       }
@@ -241,8 +251,8 @@ Result<Child*> Graph::attach_child(Node& parent, std::shared_ptr<Node> child, st
   }
   if (!child->is_active() && parent.is_active()) {
     return make_error(ErrorKind::kPermission,
-                      fmt::format("Inactive '{}' can't be a {} child of active '{}'",
-                                  child->name(), name, parent.name()));
+                      fmt::format("Inactive '{}' can't be a {} child of active '{}'", child->name(),
+                                  name, parent.name()));
   }
   Node* child_node = child.get();
   // The parent may not be registered yet (it is still opening); it must still detach its
@@ -323,8 +333,9 @@ Result<std::unique_ptr<Child>> Graph::attach_root(BlockParent& user, std::shared
                                                   std::string name, uint32_t role, uint64_t perm,
                                                   uint64_t shared) {
   if (!node->is_active() && (perm & ~kPermConsistentRead) != 0) {
-    return make_error(ErrorKind::kPermission,
-                      fmt::format("Permission '{}' unavailable on inactive node", perm_names(perm)));
+    return make_error(
+        ErrorKind::kPermission,
+        fmt::format("Permission '{}' unavailable on inactive node", perm_names(perm)));
   }
   Node* target = node.get();
   auto edge = std::make_unique<Child>(&user, nullptr, std::move(node), std::move(name), role);

@@ -157,6 +157,12 @@ Child* Node::child(std::string_view name) const {
   return nullptr;
 }
 
+void debug_event(Child* child, BlkdebugEvent event) {
+  if (child != nullptr && child->node() != nullptr) {
+    child->node()->debug_event(event);
+  }
+}
+
 Child* Node::primary_child() const {
   for (const auto& c : children_) {
     if ((c->role() & kRolePrimary) != 0) {

@@ -27,6 +27,8 @@ class Node;
 class Graph;
 struct DriverOptions;
 struct RequestTracker;
+// Debug events for fault injection, defined in block/drivers/blkdebug/events.h.
+enum class BlkdebugEvent : uint8_t;
 
 // What a child is to its parent (QEMU's BdrvChildRole bits).
 enum ChildRole : uint32_t {
@@ -183,6 +185,10 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
 
   const NodeLimits& limits() const { return limits_; }
 
+  // A parent announces a debug event on this node (QEMU's bdrv_co_debug_event). Only blkdebug
+  // reacts; events are not forwarded to children.
+  virtual void debug_event(BlkdebugEvent event) { (void)event; }
+
   // ---- permissions ------------------------------------------------------------------------
   // The permissions this node takes on `child` and shares with others, given the cumulative
   // permissions its own parents take (`perm`) and share (`shared`). Default: QEMU's
@@ -259,5 +265,8 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   nlohmann::json open_options_;
   std::unique_ptr<RequestTracker> requests_;
 };
+
+// QEMU's BLKDBG_EVENT(child, event): announces `event` on the child's node, if there is a child.
+void debug_event(Child* child, BlkdebugEvent event);
 
 }  // namespace strata::block

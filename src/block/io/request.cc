@@ -291,18 +291,25 @@ aio::Task<Result<void>> preadv(Node& node, uint64_t offset, IoVector qiov, uint3
     co_return ok();
   }
   RequestTracker& tracker = node.requests();
-  co_await tracker.wait_until_unquiesced();
+  if (tracker.quiesced()) {
+    co_await tracker.wait_until_unquiesced();
+  }
   RequestTracker::InFlight in_flight(tracker);
 
   const AlignedRange range(node, offset, bytes);
   TrackedRequest request(tracker, offset, bytes, RequestType::kRead,
                          (flags & kRequestSerialising) != 0, range.offset, range.bytes());
-  if ((flags & kRequestNoSerialising) == 0) {
+  if ((flags & kRequestNoSerialising) == 0 && may_wait_serialising(request)) {
     bool waited = co_await wait_serialising(request);
     (void)waited;
   }
 
   if (!range.partial() && detail::is_memory_aligned(node, qiov)) {
+    if (bytes <= detail::max_transfer_bytes(node)) {
+      // The common case, without driver_preadv's frame.
+      Result<void> result = co_await node.co_preadv(offset, bytes, std::move(qiov), 0);
+      co_return result;
+    }
     Result<void> result = co_await detail::driver_preadv(node, offset, std::move(qiov), 0);
     co_return result;
   }
@@ -343,15 +350,19 @@ aio::Task<Result<void>> pwritev(Node& node, uint64_t offset, IoVector qiov, uint
     co_return ok();
   }
   RequestTracker& tracker = node.requests();
-  co_await tracker.wait_until_unquiesced();
+  if (tracker.quiesced()) {
+    co_await tracker.wait_until_unquiesced();
+  }
   RequestTracker::InFlight in_flight(tracker);
 
   const AlignedRange range(node, offset, bytes);
   const bool serialising = range.partial() || (flags & kRequestSerialising) != 0;
   TrackedRequest request(tracker, offset, bytes, RequestType::kWrite, serialising, range.offset,
                          range.bytes());
-  bool waited = co_await wait_serialising(request);
-  (void)waited;
+  if (may_wait_serialising(request)) {
+    bool waited = co_await wait_serialising(request);
+    (void)waited;
+  }
   const uint32_t driver_flags = flags & kRequestFua;
 
   if (!range.partial() && detail::is_memory_aligned(node, qiov)) {
@@ -444,14 +455,18 @@ aio::Task<Result<void>> pwrite_zeroes(Node& node, uint64_t offset, uint64_t byte
         ENOTSUP);
   }
   RequestTracker& tracker = node.requests();
-  co_await tracker.wait_until_unquiesced();
+  if (tracker.quiesced()) {
+    co_await tracker.wait_until_unquiesced();
+  }
   RequestTracker::InFlight in_flight(tracker);
 
   const bool serialising = range.partial() || (flags & kRequestSerialising) != 0;
   TrackedRequest request(tracker, offset, bytes, RequestType::kWrite, serialising, range.offset,
                          range.bytes());
-  bool waited = co_await wait_serialising(request);
-  (void)waited;
+  if (may_wait_serialising(request)) {
+    bool waited = co_await wait_serialising(request);
+    (void)waited;
+  }
 
   RmwBlocks blocks;
   Result<void> result = co_await read_rmw_blocks(node, range, blocks);

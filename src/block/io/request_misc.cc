@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "block/drivers/blkdebug/events.h"
 #include "block/io/request.h"
 #include "block/io/request_internal.h"
 
@@ -87,6 +88,14 @@ aio::Task<Result<void>> flush(Node& node) {
   Result<void> result = ok();
   {
     ActiveFlush active(tracker);
+    // QEMU's bdrv_co_flush announces flush_to_os always and flush_to_disk when the disk flush is
+    // due, both on the node's primary child.
+    Child* primary = node.primary_child();
+    debug_event(primary, BlkdebugEvent::kFlushToOs);
+    if (!node.common_options().cache_no_flush &&
+        tracker.flushed_generation != current_generation) {
+      debug_event(primary, BlkdebugEvent::kFlushToDisk);
+    }
     // A leaf (protocol) node's flush is QEMU's flush_to_disk: skipped when nothing was written
     // since the last one, and with cache.no-flush. Other nodes always write back their caches
     // (QEMU's flush_to_os), since their metadata may change outside the request layer.

@@ -45,6 +45,9 @@ TrackedRequest::TrackedRequest(RequestTracker& tracker_in, uint64_t offset_in, u
   }
   tracker.tail_ = this;
   ++tracker.tracked_count_;
+  if (serialising) {
+    ++tracker.serialising_count_;
+  }
 }
 
 TrackedRequest::~TrackedRequest() {
@@ -59,6 +62,9 @@ TrackedRequest::~TrackedRequest() {
     tracker.tail_ = prev;
   }
   --tracker.tracked_count_;
+  if (serialising) {
+    --tracker.serialising_count_;
+  }
   // The tracker no longer lists this request; waiters re-scan when they resume.
   waiters.notify_all();
 }

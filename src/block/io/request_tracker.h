@@ -121,7 +121,7 @@ struct TrackedRequest {
   uint64_t offset;
   uint64_t bytes;
   RequestType type;
-  bool serialising;
+  const bool serialising;  // fixed for the request's life: the tracker counts serialising ones
   // The range other requests are checked against (the request's range after alignment).
   uint64_t overlap_offset;
   uint64_t overlap_bytes;
@@ -141,6 +141,10 @@ struct TrackedRequest {
 // in flight; otherwise every overlapping serialising one. Requests already waiting for `request`
 // are skipped (they will wait for it instead). Returns whether it had to wait.
 aio::Task<bool> wait_serialising(TrackedRequest& request);
+// False when wait_serialising(request) would return at once without waiting: nothing else is in
+// flight for a serialising request, or no serialising request is in flight for an ordinary one.
+// Lets the hot path skip the scan and the coroutine (defined after RequestTracker).
+inline bool may_wait_serialising(const TrackedRequest& request);
 
 }  // namespace io
 
@@ -174,6 +178,7 @@ struct RequestTracker {
   // ---- tracked requests --------------------------------------------------------------------
   io::TrackedRequest* first_request() const { return head_; }
   size_t tracked_count() const { return tracked_count_; }
+  size_t serialising_count() const { return serialising_count_; }
 
   // ---- write notifiers ---------------------------------------------------------------------
   using NotifierId = uint64_t;
@@ -201,6 +206,7 @@ struct RequestTracker {
   io::TrackedRequest* head_ = nullptr;
   io::TrackedRequest* tail_ = nullptr;
   size_t tracked_count_ = 0;
+  size_t serialising_count_ = 0;  // tracked requests with `serialising` set
 
   struct NotifierEntry {
     NotifierId id;
@@ -209,5 +215,12 @@ struct RequestTracker {
   std::vector<NotifierEntry> notifiers_;
   NotifierId next_notifier_id_ = 1;
 };
+
+namespace io {
+inline bool may_wait_serialising(const TrackedRequest& request) {
+  return request.serialising ? request.tracker.tracked_count() > 1
+                             : request.tracker.serialising_count() > 0;
+}
+}  // namespace io
 
 }  // namespace strata::block

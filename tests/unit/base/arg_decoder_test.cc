@@ -282,6 +282,5 @@ TEST(ArgDecoderKeyval, SizeParsing) {
   EXPECT_EQ(parse_size("18446744073709551616"), std::nullopt);
 }
 
-
 }  // namespace
 }  // namespace strata

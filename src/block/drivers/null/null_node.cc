@@ -10,8 +10,8 @@ std::unique_ptr<DriverOptions> NullNode::parse(ArgDecoder& d) {
   auto options = std::make_unique<NullOptions>();
   if (auto size = d.opt_i64("size")) {
     if (*size < 0) {
-      d.fail(make_error(ErrorKind::kInvalidArgument,
-                        "Value '" + std::to_string(*size) + "' is out of range for parameter 'size'"));
+      d.fail(make_error(ErrorKind::kInvalidArgument, "Value '" + std::to_string(*size) +
+                                                         "' is out of range for parameter 'size'"));
     } else {
       options->size = static_cast<uint64_t>(*size);
     }

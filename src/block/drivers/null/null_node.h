@@ -17,7 +17,8 @@ struct NullOptions : DriverOptions {
 class NullNode final : public Node {
  public:
   static std::unique_ptr<DriverOptions> parse(ArgDecoder& d);
-  static Result<std::shared_ptr<Node>> open_co(OpenContext& context, const BlockdevOptions& options);
+  static Result<std::shared_ptr<Node>> open_co(OpenContext& context,
+                                               const BlockdevOptions& options);
   static Result<std::shared_ptr<Node>> open_aio(OpenContext& context,
                                                 const BlockdevOptions& options);
 

@@ -1,5 +1,6 @@
 #include "block/drivers/raw/raw_node.h"
 
+#include "block/drivers/blkdebug/events.h"
 #include "block/io/request.h"
 
 namespace strata::block {
@@ -31,9 +32,9 @@ Result<std::shared_ptr<Node>> RawNode::open(OpenContext& context, const Blockdev
   }
   for (const auto& [name, value] : {std::pair{"offset", raw.offset}, std::pair{"size", raw.size}}) {
     if (value && *value < 0) {
-      return make_error(ErrorKind::kInvalidArgument, "Value '" + std::to_string(*value) +
-                                                         "' is out of range for parameter '" +
-                                                         name + "'");
+      return make_error(
+          ErrorKind::kInvalidArgument,
+          "Value '" + std::to_string(*value) + "' is out of range for parameter '" + name + "'");
     }
   }
   auto window = check_window(node->offset_, node->size_, (*child)->node()->length());
@@ -45,7 +46,7 @@ Result<std::shared_ptr<Node>> RawNode::open(OpenContext& context, const Blockdev
 }
 
 Result<void> RawNode::check_window(uint64_t offset, std::optional<uint64_t> size,
-                                  uint64_t file_length) {
+                                   uint64_t file_length) {
   if (offset > file_length) {
     return make_error(ErrorKind::kInvalidArgument,
                       "Offset (" + std::to_string(offset) +
@@ -73,9 +74,9 @@ Result<std::function<void()>> RawNode::prepare_reopen(const DriverOptions& optio
   }
   for (const auto& [name, value] : {std::pair{"offset", raw.offset}, std::pair{"size", raw.size}}) {
     if (value && *value < 0) {
-      return make_error(ErrorKind::kInvalidArgument, "Value '" + std::to_string(*value) +
-                                                         "' is out of range for parameter '" +
-                                                         name + "'");
+      return make_error(
+          ErrorKind::kInvalidArgument,
+          "Value '" + std::to_string(*value) + "' is out of range for parameter '" + name + "'");
     }
   }
   uint64_t offset = raw.offset ? static_cast<uint64_t>(*raw.offset) : 0;
@@ -91,6 +92,13 @@ Result<std::function<void()>> RawNode::prepare_reopen(const DriverOptions& optio
     offset_ = offset;
     size_ = size;
   });
+}
+
+void RawNode::child_perm(const Child& child, uint64_t perm, uint64_t shared, uint64_t& child_perm,
+                         uint64_t& child_shared) const {
+  Node::child_perm(child, perm, shared, child_perm, child_shared);
+  child_perm &= ~(kPermWrite | kPermResize);
+  child_perm |= perm & (kPermWrite | kPermResize);
 }
 
 RawNode::RawNode(CommonOptions common, uint64_t offset, std::optional<uint64_t> size)
@@ -124,12 +132,14 @@ uint64_t RawNode::length() const {
 
 aio::Task<Result<void>> RawNode::co_preadv(uint64_t offset, uint64_t, IoVector qiov,
                                            uint32_t flags) {
+  block::debug_event(children().front().get(), BlkdebugEvent::kReadAio);
   auto result = co_await io::preadv(file(), offset + offset_, std::move(qiov), flags);
   co_return result;
 }
 
 aio::Task<Result<void>> RawNode::co_pwritev(uint64_t offset, uint64_t, IoVector qiov,
                                             uint32_t flags) {
+  block::debug_event(children().front().get(), BlkdebugEvent::kWriteAio);
   auto result = co_await io::pwritev(file(), offset + offset_, std::move(qiov), flags);
   co_return result;
 }
@@ -139,8 +149,7 @@ aio::Task<Result<void>> RawNode::co_pdiscard(uint64_t offset, uint64_t bytes) {
   co_return result;
 }
 
-aio::Task<Result<void>> RawNode::co_pwrite_zeroes(uint64_t offset, uint64_t bytes,
-                                                  uint32_t flags) {
+aio::Task<Result<void>> RawNode::co_pwrite_zeroes(uint64_t offset, uint64_t bytes, uint32_t flags) {
   auto result = co_await io::pwrite_zeroes(file(), offset + offset_, bytes, flags);
   co_return result;
 }
@@ -156,8 +165,7 @@ aio::Task<Result<BlockStatus>> RawNode::co_block_status(uint64_t offset, uint64_
 
 aio::Task<Result<void>> RawNode::co_truncate(uint64_t new_size, bool exact) {
   if (has_window()) {
-    co_return make_error(ErrorKind::kUnsupported,
-                         "Cannot resize fixed-size raw disks");
+    co_return make_error(ErrorKind::kUnsupported, "Cannot resize fixed-size raw disks");
   }
   auto result = co_await io::truncate(file(), new_size, exact);
   co_return result;

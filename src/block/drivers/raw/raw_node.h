@@ -37,6 +37,11 @@ class RawNode final : public Node {
   aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact) override;
   uint64_t length() const override;
   Result<std::function<void()>> prepare_reopen(const DriverOptions& options) override;
+  // QEMU's raw_child_perm: the default rules by role, but write and resize on the file only when
+  // raw's own parents take them (a window makes the file a data child, whose default rules would
+  // add them).
+  void child_perm(const Child& child, uint64_t perm, uint64_t shared, uint64_t& child_perm,
+                  uint64_t& child_shared) const override;
 
   bool has_window() const { return offset_ != 0 || size_.has_value(); }
   // Checks a window against the file's length with QEMU's messages.
