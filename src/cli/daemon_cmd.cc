@@ -359,23 +359,40 @@ int daemon_main(int argc, char** argv) {
     }
   }
 
+  int pidfile_fd = -1;
   if (!pidfile.empty()) {
-    FILE* f = std::fopen(pidfile.c_str(), "w");
-    if (f == nullptr) {
+    // Like QEMU: mode 0600, and a write lock held while the daemon lives so a second daemon with
+    // the same pid file refuses to start.
+    pidfile_fd = ::open(pidfile.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (pidfile_fd < 0) {
       std::fprintf(stderr, "strata daemon: Cannot open pid file %s: %s\n", pidfile.c_str(),
                    std::strerror(errno));
       return 1;
     }
-    std::fprintf(f, "%d\n", static_cast<int>(getpid()));
-    std::fclose(f);
+    struct flock lock {};
+    lock.l_type = F_WRLCK;
+    lock.l_whence = SEEK_SET;
+    if (::fcntl(pidfile_fd, F_SETLK, &lock) != 0) {
+      std::fprintf(stderr, "strata daemon: Cannot lock pid file %s: %s\n", pidfile.c_str(),
+                   std::strerror(errno));
+      return 1;
+    }
+    std::string pid = std::to_string(getpid()) + "\n";
+    if (::ftruncate(pidfile_fd, 0) != 0 ||
+        ::write(pidfile_fd, pid.data(), pid.size()) != static_cast<ssize_t>(pid.size())) {
+      std::fprintf(stderr, "strata daemon: Failed to write pid file %s: %s\n", pidfile.c_str(),
+                   std::strerror(errno));
+      return 1;
+    }
   }
   if (status_fd >= 0) {
     finish_daemonize(status_fd);
   }
 
   daemon.run();
-  if (!pidfile.empty()) {
+  if (pidfile_fd >= 0) {
     ::unlink(pidfile.c_str());
+    ::close(pidfile_fd);
   }
   return 0;
 }
