@@ -6,6 +6,20 @@ namespace strata::daemon {
 
 using block::Node;
 
+namespace {
+// QEMU's bdrv_filter_or_cow_bs: the backing file of a format node, or the filtered child of a
+// filter. Query output nests and counts this chain.
+const Node* filter_or_cow(const Node& node) {
+  if (block::Child* backing = node.backing_child(); backing != nullptr) {
+    return backing->node();
+  }
+  if (block::Child* primary = node.primary_child(); primary != nullptr && node.is_filter()) {
+    return primary->node();
+  }
+  return nullptr;
+}
+}  // namespace
+
 nlohmann::json image_info(const Node& node, bool flat) {
   nlohmann::json info;
   info["filename"] = node.filename();
@@ -28,9 +42,9 @@ nlohmann::json image_info(const Node& node, bool flat) {
     info["backing-filename"] = backing->node()->filename();
     info["full-backing-filename"] = backing->node()->filename();
     info["backing-filename-format"] = backing->node()->format_name();
-    if (!flat) {
-      info["backing-image"] = image_info(*backing->node(), false);
-    }
+  }
+  if (const Node* below = filter_or_cow(node); below != nullptr && !flat) {
+    info["backing-image"] = image_info(*below, false);
   }
   return info;
 }
@@ -45,12 +59,10 @@ nlohmann::json block_device_info(const Node& node, bool flat) {
   int depth = 0;
   if (block::Child* backing = node.backing_child(); backing != nullptr) {
     info["backing_file"] = backing->node()->filename();
-    if (!flat) {
-      for (const Node* n = backing->node(); n != nullptr;) {
-        ++depth;
-        block::Child* next = n->backing_child();
-        n = next != nullptr ? next->node() : nullptr;
-      }
+  }
+  if (!flat) {
+    for (const Node* n = filter_or_cow(node); n != nullptr; n = filter_or_cow(*n)) {
+      ++depth;
     }
   }
   info["backing_file_depth"] = depth;

@@ -175,3 +175,43 @@ def test_writable_export_on_auto_read_only_unwritable_file(daemon, unwritable):
         generic("Block node is read-only")
     assert q.cmd("block-export-add", type="nbd", id="e2", node_name="r0", writable=False) == \
         {"return": {}}
+
+
+def test_blkdebug_take_write_reopens_auto_read_only_file(daemon):
+    """A writer permission taken by blkdebug upgrades the fd; dropping it downgrades again."""
+    d = daemon()
+    q = d.qmp
+    img = make_raw(os.path.join(daemon.workdir, "a.raw"), MiB)
+    assert q.cmd("blockdev-add", driver="file", node_name="f0", filename=img,
+                 auto_read_only=True) == {"return": {}}
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b0", image="f0") == {"return": {}}
+    assert fd_modes(d.pid, img) == [os.O_RDONLY]
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b1", image="f0",
+                 take_child_perms=["write"]) == {"return": {}}
+    assert fd_modes(d.pid, img) == [os.O_RDWR]
+    assert ro_map(q) == {"b1": False, "b0": False, "f0": False}
+    assert q.cmd("blockdev-del", node_name="b1") == {"return": {}}
+    assert fd_modes(d.pid, img) == [os.O_RDONLY]
+    # resize alone also needs a writable fd
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b2", image="f0",
+                 take_child_perms=["resize"]) == {"return": {}}
+    assert fd_modes(d.pid, img) == [os.O_RDWR]
+
+
+def test_blkdebug_take_write_on_unwritable_auto_read_only_file(daemon, unwritable):
+    path, strerror = unwritable
+    d = daemon()
+    q = d.qmp
+    assert q.cmd("blockdev-add", driver="file", node_name="f0", filename=path,
+                 auto_read_only=True) == {"return": {}}
+    err = generic("Could not open '%s': %s" % (path, strerror))
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b0", image="f0",
+                 take_child_perms=["write"]) == err
+    # inline: the child inherits auto-read-only from blkdebug
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b1", auto_read_only=True,
+                 take_child_perms=["write"], image={"driver": "file", "filename": path}) == err
+    assert ro_map(q) == {"f0": False}
+    assert fd_modes(d.pid, path) == [os.O_RDONLY]
+    # without the extra permission it attaches fine
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b2", image="f0") == \
+        {"return": {}}

@@ -244,3 +244,89 @@ def test_qcow2_held_by_qemu_io(daemon, holder):
     assert locks(d.pid, img) == {100}
     assert [n["node-name"] for n in q.cmd("query-named-block-nodes")["return"]
             if not n["node-name"].startswith("#")] == ["q2", "q1", "qf"]
+
+
+# -- blkdebug: take-child-perms / unshare-child-perms on the image edge ---------------------
+
+def add_blkdebug(q, img, **perms):
+    args = {"driver": "blkdebug", "node-name": "b0",
+            "image": {"driver": "file", "node-name": "f0", "filename": img}}
+    args.update({k.replace("_", "-"): v for k, v in perms.items()})
+    return q.cmd_args("blockdev-add", args)
+
+
+def test_blkdebug_child_perms_lock_bytes(daemon):
+    """Taking write locks only byte 101 (qemu-io shares write, so it may still write); unsharing
+    write locks 201, which keeps qemu-io writers out but not readers."""
+    d = daemon()
+    q = d.qmp
+    img = make_raw(os.path.join(daemon.workdir, "a.raw"), MiB)
+    assert add_blkdebug(q, img, take_child_perms=["write"]) == {"return": {}}
+    assert locks(d.pid, img) == {101}
+    assert_qio_ok(qio("-f", "raw", "-c", "write 0 512", img))
+    assert_qio_ok(qio("-f", "raw", "-r", "-c", "read 0 512", img))
+    assert q.cmd("blockdev-del", node_name="b0") == {"return": {}}
+    assert locks(d.pid, img) == set()
+
+    assert add_blkdebug(q, img, take_child_perms=["write"],
+                        unshare_child_perms=["write"]) == {"return": {}}
+    assert locks(d.pid, img) == {101, 201}
+    assert_qio_lock_error(qio("-f", "raw", "-c", "write 0 512", img), img, WRITE_LOCK)
+    assert_qio_ok(qio("-f", "raw", "-r", "-c", "read 0 512", img))
+    assert_qio_ok(qio("-f", "raw", "-r", "-U", "-c", "read 0 512", img))
+    assert q.cmd("blockdev-del", node_name="b0") == {"return": {}}
+
+    assert add_blkdebug(q, img, unshare_child_perms=["write"]) == {"return": {}}
+    assert locks(d.pid, img) == {201}
+    assert_qio_lock_error(qio("-f", "raw", "-c", "write 0 512", img), img, WRITE_LOCK)
+    assert_qio_ok(qio("-f", "raw", "-r", "-c", "read 0 512", img))
+    assert q.cmd("blockdev-del", node_name="b0") == {"return": {}}
+
+    assert add_blkdebug(q, img, take_child_perms=["consistent-read", "write", "resize"]) == \
+        {"return": {}}
+    assert locks(d.pid, img) == {100, 101, 103}
+    assert q.cmd("blockdev-del", node_name="b0") == {"return": {}}
+    assert locks(d.pid, img) == set()
+
+
+def test_holder_rw_vs_blkdebug_child_perms(daemon, holder):
+    """qemu-io holding the image R/W (bytes 100-101) shares everything: taking write works,
+    unsharing what it holds does not."""
+    img = make_raw(os.path.join(daemon.workdir, "a.raw"), MiB)
+    holder("-f", "raw", path=img, expect={100, 101})
+    d = daemon()
+    q = d.qmp
+    assert add_blkdebug(q, img, take_child_perms=["write"]) == {"return": {}}
+    assert locks(d.pid, img) == {101}
+    assert q.cmd("blockdev-del", node_name="b0") == {"return": {}}
+    assert add_blkdebug(q, img, unshare_child_perms=["write"]) == generic(SHARED_WRITE_LOCK)
+    assert add_blkdebug(q, img, take_child_perms=["write"], unshare_child_perms=["write"]) == \
+        generic(SHARED_WRITE_LOCK)
+    assert add_blkdebug(q, img, unshare_child_perms=["consistent-read"]) == \
+        generic('Failed to get shared "consistent read" lock')
+    # over an existing file node: the node stays, nothing is locked
+    assert q.cmd("blockdev-add", driver="file", node_name="f1", filename=img) == {"return": {}}
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b1", image="f1",
+                 unshare_child_perms=["write"]) == generic(SHARED_WRITE_LOCK)
+    assert [n["node-name"] for n in q.cmd("query-named-block-nodes")["return"]] == ["f1"]
+    assert locks(d.pid, img) == set()
+
+
+def test_force_share_overrides_unshare_against_holder(daemon, holder):
+    """A force-share node shares every permission with everyone: unsharing write on top of it
+    neither locks byte 201 nor conflicts with a qemu-io writer (QEMU's bdrv_child_perm)."""
+    img = make_raw(os.path.join(daemon.workdir, "a.raw"), MiB)
+    holder("-f", "raw", path=img, expect={100, 101})
+    d = daemon()
+    q = d.qmp
+    assert q.cmd("blockdev-add", driver="file", node_name="f0", filename=img, read_only=True,
+                 force_share=True) == {"return": {}}
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b0", image="f0", read_only=True,
+                 unshare_child_perms=["write"],
+                 take_child_perms=["consistent-read"]) == {"return": {}}
+    assert locks(d.pid, img) == {100}
+    # without force-share the same graph conflicts with the writer
+    assert q.cmd("blockdev-add", driver="file", node_name="f1", filename=img,
+                 read_only=True) == {"return": {}}
+    assert q.cmd("blockdev-add", driver="blkdebug", node_name="b1", image="f1", read_only=True,
+                 unshare_child_perms=["write"]) == generic(SHARED_WRITE_LOCK)

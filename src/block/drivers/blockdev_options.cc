@@ -16,7 +16,7 @@ CommonOptions BlockdevOptions::resolve(const CommonOptions* parent) const {
   c.node_name = node_name.value_or("");
   c.read_only = read_only.value_or(parent != nullptr ? parent->read_only : false);
   c.auto_read_only = auto_read_only.value_or(parent != nullptr ? parent->auto_read_only : false);
-  c.force_share = force_share.value_or(false);
+  c.force_share = force_share.value_or(parent != nullptr ? parent->force_share : false);
   c.active = active.value_or(true);
   c.discard = discard.value_or(parent != nullptr ? parent->discard : "ignore");
   c.detect_zeroes = detect_zeroes.value_or("off");

@@ -196,6 +196,10 @@ Result<void> Graph::refresh_node_perm(Node& node, Transaction& tx) {
     uint64_t child_perm = 0;
     uint64_t child_shared = kPermAll;
     node.child_perm(*c, perm, shared, child_perm, child_shared);
+    // A force-share node shares everything with everyone (QEMU's bdrv_child_perm).
+    if (c->node()->common_options().force_share) {
+      child_shared = kPermAll;
+    }
     Child* edge = c.get();
     uint64_t old_perm = edge->perm_;
     uint64_t old_shared = edge->shared_;
@@ -263,6 +267,9 @@ Result<Child*> Graph::attach_child(Node& parent, std::shared_ptr<Node> child, st
   uint64_t perm = 0;
   uint64_t shared = kPermAll;
   parent.child_perm(*raw_edge, parent.cumulative_perm(), parent.cumulative_shared(), perm, shared);
+  if (child_node->common_options().force_share) {
+    shared = kPermAll;
+  }
   raw_edge->perm_ = perm;
   raw_edge->shared_ = shared;
   parent.children_.push_back(std::move(edge));
@@ -272,6 +279,9 @@ Result<Child*> Graph::attach_child(Node& parent, std::shared_ptr<Node> child, st
   auto result = refresh_perms_in({&parent}, tx);
   if (!result) {
     tx.abort();
+    // The edge may hold the only reference (an inline child): keep the child alive until its
+    // permissions are refreshed.
+    std::shared_ptr<Node> keep = raw_edge->node_ref();
     auto& parents = child_node->parents_;
     parents.erase(std::remove(parents.begin(), parents.end(), raw_edge), parents.end());
     parent.children_.pop_back();

@@ -128,7 +128,9 @@ Result<std::function<void()>> Node::prepare_reopen(const DriverOptions&) {
   return std::function<void()>([] {});
 }
 
-Result<void> Node::check_perm(uint64_t, uint64_t) { return ok(); }
+Result<void> Node::check_perm(uint64_t, uint64_t) {
+  return ok();
+}
 void Node::set_perm(uint64_t, uint64_t) {}
 void Node::abort_perm() {}
 

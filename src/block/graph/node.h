@@ -93,10 +93,10 @@ struct NodeLimits {
 
 // Flags of data requests.
 enum RequestFlags : uint32_t {
-  kRequestFua = 1u << 0,         // write through to stable storage before completing
-  kRequestMayUnmap = 1u << 1,    // write-zeroes may deallocate
-  kRequestNoFallback = 1u << 2,  // write-zeroes must be fast or fail with ENOTSUP
-  kRequestSerialising = 1u << 3, // wait for and block overlapping requests (RMW, COW)
+  kRequestFua = 1u << 0,          // write through to stable storage before completing
+  kRequestMayUnmap = 1u << 1,     // write-zeroes may deallocate
+  kRequestNoFallback = 1u << 2,   // write-zeroes must be fast or fail with ENOTSUP
+  kRequestSerialising = 1u << 3,  // wait for and block overlapping requests (RMW, COW)
   // A read that does not wait for serialising requests (QEMU's BDRV_REQ_NO_SERIALISING): write
   // notifiers such as copy-before-write read old data while the write that triggered them holds
   // its range.
@@ -110,7 +110,7 @@ struct BlockStatus {
     kZero = 1u << 1,       // reads return zeroes
     kAllocated = 1u << 2,  // allocated at this layer (not from backing)
     kOffsetValid = 1u << 3,
-    kRecurse = 1u << 4,    // ask `file` at `map_offset` for the truth
+    kRecurse = 1u << 4,  // ask `file` at `map_offset` for the truth
   };
   uint64_t bytes = 0;  // length of the run with identical status, > 0
   uint32_t flags = 0;
@@ -125,7 +125,7 @@ struct CommonOptions {
   bool auto_read_only = false;
   bool force_share = false;
   bool active = true;
-  std::string discard = "ignore";      // ignore | unmap
+  std::string discard = "ignore";     // ignore | unmap
   std::string detect_zeroes = "off";  // off | on | unmap
   bool cache_direct = false;
   bool cache_no_flush = false;
@@ -173,8 +173,7 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   virtual aio::Task<Result<void>> co_flush();
   virtual aio::Task<Result<void>> co_pdiscard(uint64_t offset, uint64_t bytes);
   // Default: ENOTSUP, and the request layer writes zeroed buffers instead.
-  virtual aio::Task<Result<void>> co_pwrite_zeroes(uint64_t offset, uint64_t bytes,
-                                                   uint32_t flags);
+  virtual aio::Task<Result<void>> co_pwrite_zeroes(uint64_t offset, uint64_t bytes, uint32_t flags);
   // Default: everything is data (or delegated to the primary child for filters).
   virtual aio::Task<Result<BlockStatus>> co_block_status(uint64_t offset, uint64_t bytes);
   virtual aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact);

@@ -97,7 +97,10 @@ class IoVector {
   // Copies out of / into the vector starting at byte `offset`; returns bytes copied.
   size_t copy_to(size_t offset, void* dest, size_t length) const {
     size_t done = 0;
-    for (const auto& v : slice(offset, length).entries()) {
+    // The slice must outlive the loop: a range-for does not extend the life of a temporary that
+    // only a member call's result (the span) refers to.
+    const IoVector part = slice(offset, length);
+    for (const auto& v : part.entries()) {
       std::memcpy(static_cast<char*>(dest) + done, v.iov_base, v.iov_len);
       done += v.iov_len;
     }
@@ -105,14 +108,20 @@ class IoVector {
   }
   size_t copy_from(size_t offset, const void* src, size_t length) const {
     size_t done = 0;
-    for (const auto& v : slice(offset, length).entries()) {
+    // The slice must outlive the loop: a range-for does not extend the life of a temporary that
+    // only a member call's result (the span) refers to.
+    const IoVector part = slice(offset, length);
+    for (const auto& v : part.entries()) {
       std::memcpy(v.iov_base, static_cast<const char*>(src) + done, v.iov_len);
       done += v.iov_len;
     }
     return done;
   }
   void fill(size_t offset, int byte, size_t length) const {
-    for (const auto& v : slice(offset, length).entries()) {
+    // The slice must outlive the loop: a range-for does not extend the life of a temporary that
+    // only a member call's result (the span) refers to.
+    const IoVector part = slice(offset, length);
+    for (const auto& v : part.entries()) {
       std::memset(v.iov_base, byte, v.iov_len);
     }
   }

@@ -92,8 +92,7 @@ aio::Task<Result<void>> flush(Node& node) {
     // due, both on the node's primary child.
     Child* primary = node.primary_child();
     debug_event(primary, BlkdebugEvent::kFlushToOs);
-    if (!node.common_options().cache_no_flush &&
-        tracker.flushed_generation != current_generation) {
+    if (!node.common_options().cache_no_flush && tracker.flushed_generation != current_generation) {
       debug_event(primary, BlkdebugEvent::kFlushToDisk);
     }
     // A leaf (protocol) node's flush is QEMU's flush_to_disk: skipped when nothing was written

@@ -136,7 +136,8 @@ class BlkdebugTest : public ::testing::Test {
 };
 
 TEST_F(BlkdebugTest, OnceRuleFailsOnlyTheFirstReadOfItsSector) {
-  auto raw = add_stack({{"inject-error", {{{"event", "read_aio"}, {"sector", 8}, {"once", true}}}}});
+  auto raw =
+      add_stack({{"inject-error", {{{"event", "read_aio"}, {"sector", 8}, {"once", true}}}}});
   ASSERT_TRUE(raw);
   std::vector<uint8_t> buffer(512);
   // The event activates the rule, but the request does not cover sector 8.
@@ -161,9 +162,8 @@ TEST_F(BlkdebugTest, PersistentEnospcOnWriteAlsoFailsLaterReads) {
 }
 
 TEST_F(BlkdebugTest, SetStateGatesARuleOnTheNextEvent) {
-  auto raw = add_stack(
-      {{"set-state", {{{"event", "read_aio"}, {"state", 1}, {"new_state", 2}}}},
-       {"inject-error", {{{"event", "read_aio"}, {"state", 2}, {"once", true}}}}});
+  auto raw = add_stack({{"set-state", {{{"event", "read_aio"}, {"state", 1}, {"new_state", 2}}}},
+                        {"inject-error", {{{"event", "read_aio"}, {"state", 2}, {"once", true}}}}});
   ASSERT_TRUE(raw);
   EXPECT_EQ(blkdebug().rules().state(), 1);
   std::vector<uint8_t> buffer(512);
@@ -294,6 +294,14 @@ TEST_F(BlkdebugTest, ConfigFileErrorsUseQemuMessages) {
        "Parameter 'once' expects 'on' or 'off'"},
       {"[inject-error \"a\"]\nevent = \"read_aio\"\n[inject-error \"a\"]\nevent = \"read_aio\"\n",
        "Duplicate ID 'a' for inject-error"},
+      {"[inject-error]\nevent = \"read_aio\"\nerrno = \"99999999999999999999\"\n",
+       "Value '99999999999999999999' is too large for parameter 'errno'"},
+      {"[inject-error \"1a\"]\nevent = \"read_aio\"\n", "Parameter 'id' expects an identifier"},
+      // Entries are checked in QEMU's QDict order, not file order.
+      {"[inject-error]\nevent = \"read_aio\"\nfoo = \"1\"\nerrno = \"x\"\n",
+       "Parameter 'errno' expects a number"},
+      // A section is checked when the next one starts: the bad line comes first.
+      {"[inject-error]\nevent = \"read_aio\"\n[foo]\n   \n", "parse error"},
   };
   for (const Case& c : cases) {
     auto specs = blkdebug::parse_config_text(c.text);
@@ -302,8 +310,12 @@ TEST_F(BlkdebugTest, ConfigFileErrorsUseQemuMessages) {
     ASSERT_FALSE(rules) << c.text;
     EXPECT_EQ(rules.error().message(), c.message) << c.text;
   }
-  auto missing = add_stack({{"config", dir_ + "/nonexistent"}});
-  EXPECT_FALSE(missing);
+  auto missing = add({{"driver", "blkdebug"},
+                      {"node-name", "bd"},
+                      {"config", dir_},
+                      {"image", {{"driver", "file"}, {"filename", image_}}}});
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().message(), "Cannot read config file: Is a directory");
 }
 
 TEST_F(BlkdebugTest, OptionErrorsUseQemuMessages) {
@@ -324,8 +336,10 @@ TEST_F(BlkdebugTest, OptionErrorsUseQemuMessages) {
        "Cannot meet constraints with max-write-zero 1536"},
       {{{"opt-discard", 1024}, {"max-discard", 1536}},
        "Cannot meet constraints with max-discard 1536"},
-      {{{"inject-error", {{{"event", "bogus"}}}}}, "Parameter 'event' does not accept value 'bogus'"},
-      {{{"inject-error", {nlohmann::json::object()}}}, "Parameter 'inject-error[0].event' is missing"},
+      {{{"inject-error", {{{"event", "bogus"}}}}},
+       "Parameter 'event' does not accept value 'bogus'"},
+      {{{"inject-error", {nlohmann::json::object()}}},
+       "Parameter 'inject-error[0].event' is missing"},
       {{{"set-state", {{{"event", "read_aio"}}}}}, "Parameter 'set-state[0].new_state' is missing"},
       {{{"take-child-perms", {"bogus"}}}, "Parameter 'null' does not accept value 'bogus'"},
       {{{"config", "/nonexistent/x"}},

@@ -53,8 +53,7 @@ std::optional<std::string> scan_word(const std::string& line, size_t& pos, size_
 }
 
 // sscanf's "%N[^c]": at least one character other than `stop`, up to `max`.
-std::optional<std::string> scan_until(const std::string& line, size_t& pos, char stop,
-                                      size_t max) {
+std::optional<std::string> scan_until(const std::string& line, size_t& pos, char stop, size_t max) {
   size_t start = pos;
   while (pos < line.size() && line[pos] != stop && pos - start < max) {
     ++pos;
@@ -327,8 +326,8 @@ Result<std::vector<Rule>> make_rules(const std::vector<RuleSpec>& specs) {
                      (spec.action == Rule::Action::kInjectError ? "inject-error" : "set-state"));
     }
   }
-  static constexpr std::array<std::string_view, 6> kIoTypes = {
-      "read", "write", "write-zeroes", "discard", "flush", "block-status"};
+  static constexpr std::array<std::string_view, 6> kIoTypes = {"read",    "write", "write-zeroes",
+                                                               "discard", "flush", "block-status"};
   std::vector<Rule> rules;
   for (Rule::Action action : {Rule::Action::kInjectError, Rule::Action::kSetState}) {
     for (const RuleSpec& spec : specs) {

@@ -34,8 +34,8 @@ void RuleEngine::on_event(BlkdebugEvent event) {
 std::optional<Injection> RuleEngine::check(uint64_t offset, uint64_t bytes, IoType type) {
   auto it = std::find_if(active_.begin(), active_.end(), [&](const Rule* rule) {
     const auto inject_offset = static_cast<uint64_t>(rule->offset);
-    const bool in_range = rule->offset == -1 || (bytes != 0 && inject_offset >= offset &&
-                                                 inject_offset < offset + bytes);
+    const bool in_range = rule->offset == -1 ||
+                          (bytes != 0 && inject_offset >= offset && inject_offset < offset + bytes);
     return in_range && (rule->iotype_mask & io_type_bit(type)) != 0;
   });
   if (it == active_.end() || (*it)->error == 0) {

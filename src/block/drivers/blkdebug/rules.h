@@ -43,7 +43,7 @@ struct Rule {
   int state = 0;  // 0: any state
   // inject-error
   uint64_t iotype_mask = kDefaultIoTypeMask;
-  int error = 5;        // errno (EIO by default)
+  int error = 5;  // errno (EIO by default)
   bool immediately = false;
   bool once = false;
   int64_t offset = -1;  // byte offset of `sector`, -1: any

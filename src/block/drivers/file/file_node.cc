@@ -247,8 +247,8 @@ aio::Task<Result<void>> FileNode::co_pdiscard(uint64_t offset, uint64_t bytes) {
   if (!loop) {
     co_return std::move(loop).error();
   }
-  int ret = co_await (*loop)->fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
-                                        bytes);
+  int ret =
+      co_await (*loop)->fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
   if (ret < 0 && ret != -EOPNOTSUPP && ret != -ENOTSUP) {
     co_return Error::from_errno(-ret, "Could not discard on '" + path_ + "'");
   }
@@ -263,8 +263,8 @@ aio::Task<Result<void>> FileNode::co_pwrite_zeroes(uint64_t offset, uint64_t byt
   }
   if (!is_block_device_) {
     if ((flags & kRequestMayUnmap) != 0 && options_.discard == "unmap") {
-      int ret = co_await (*loop)->fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                            offset, bytes);
+      int ret = co_await (*loop)->fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                                            bytes);
       if (ret == 0) {
         co_return ok();
       }
@@ -321,8 +321,7 @@ aio::Task<Result<BlockStatus>> FileNode::co_block_status(uint64_t offset, uint64
 aio::Task<Result<void>> FileNode::co_truncate(uint64_t new_size, bool exact) {
   if (is_block_device_) {
     if (new_size > length_ || (exact && new_size != length_)) {
-      co_return make_error(ErrorKind::kUnsupported,
-                           "Cannot grow device files");
+      co_return make_error(ErrorKind::kUnsupported, "Cannot grow device files");
     }
     co_return ok();
   }
@@ -357,8 +356,7 @@ Result<std::function<void()>> FileNode::prepare_reopen(const DriverOptions& opti
 
 Result<void> FileNode::check_perm(uint64_t perm, uint64_t shared) {
   // Reopen the descriptor when the need for writing changes (dynamic auto-read-only).
-  bool want_writable =
-      !options_.read_only && (needs_write(perm) || !options_.auto_read_only);
+  bool want_writable = !options_.read_only && (needs_write(perm) || !options_.auto_read_only);
   if (want_writable != fd_writable_) {
     auto fd = open_data_fd(want_writable);
     if (!fd) {

@@ -1,5 +1,7 @@
 #include "block/drivers/raw/raw_node.h"
 
+#include <cstdint>
+
 #include "block/drivers/blkdebug/events.h"
 #include "block/io/request.h"
 
@@ -164,10 +166,15 @@ aio::Task<Result<BlockStatus>> RawNode::co_block_status(uint64_t offset, uint64_
 }
 
 aio::Task<Result<void>> RawNode::co_truncate(uint64_t new_size, bool exact) {
-  if (has_window()) {
+  // QEMU's raw_co_truncate: only an explicit size fixes the length; an offset-only window
+  // follows the file, which is resized to offset + new size.
+  if (size_) {
     co_return make_error(ErrorKind::kUnsupported, "Cannot resize fixed-size raw disks");
   }
-  auto result = co_await io::truncate(file(), new_size, exact);
+  if (new_size > static_cast<uint64_t>(INT64_MAX) - offset_) {
+    co_return make_error(ErrorKind::kInvalidArgument, "Disk size too large for the chosen offset");
+  }
+  auto result = co_await io::truncate(file(), new_size + offset_, exact);
   co_return result;
 }
 
