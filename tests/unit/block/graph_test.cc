@@ -504,7 +504,7 @@ class LockTest : public GraphTest {
   }
 
   std::string path_;
-  uint64_t inode_ = 0;
+  std::string inode_;
 };
 
 // Byte 100+i while permission i is taken, 200+i while it is not shared (file-posix.c).

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -92,21 +93,24 @@ class TempDir {
   std::string path_;
 };
 
-inline uint64_t inode_of(const std::string& path) {
+// The file's identity as /proc/locks prints it: "MAJOR:MINOR:INODE" (major and minor in hex).
+inline std::string inode_of(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
-    return 0;
+    return "";
   }
-  return st.st_ino;
+  char id[64];
+  std::snprintf(id, sizeof(id), "%02x:%02x:%llu", major(st.st_dev), minor(st.st_dev),
+                static_cast<unsigned long long>(st.st_ino));
+  return id;
 }
 
-// Every byte locked on the file with inode `inode`, from /proc/locks: one entry per holder and
-// byte, sorted (two descriptors holding byte 100 give {100, 100}).
-inline std::vector<int> locked_bytes(uint64_t inode) {
+// Every byte locked on the file `file_id` (see inode_of), from /proc/locks: one entry per holder
+// and byte, sorted (two descriptors holding byte 100 give {100, 100}).
+inline std::vector<int> locked_bytes(const std::string& file_id) {
   std::ifstream in("/proc/locks");
   std::vector<int> bytes;
   std::string line;
-  const std::string suffix = ":" + std::to_string(inode);
   while (std::getline(in, line)) {
     // "1: OFDLCK ADVISORY  READ -1 fe:00:10954393 100 101"
     std::istringstream fields(line);
@@ -115,8 +119,7 @@ inline std::vector<int> locked_bytes(uint64_t inode) {
     if (kind == "->") {
       continue;  // a waiter
     }
-    if (device.size() < suffix.size() ||
-        device.compare(device.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    if (device != file_id) {
       continue;
     }
     for (int b = std::stoi(start); b <= std::stoi(end); ++b) {

@@ -21,6 +21,8 @@
 
 #include <gtest/gtest.h>
 
+#include "graph_test_util.h"
+
 #include "block/graph/permissions.h"
 
 extern char** environ;
@@ -47,9 +49,6 @@ class ImageLockTest : public ::testing::Test {
     fd_b_ = ::open(path_.c_str(), O_RDWR | O_CLOEXEC);
     ASSERT_GE(fd_a_, 0);
     ASSERT_GE(fd_b_, 0);
-    struct stat st {};
-    ASSERT_EQ(fstat(fd_a_, &st), 0);
-    inode_ = st.st_ino;
   }
 
   void TearDown() override {
@@ -65,35 +64,11 @@ class ImageLockTest : public ::testing::Test {
   }
 
   // Every locked byte of the temp file in /proc/locks, one entry per holder and byte, sorted.
-  std::vector<int> locked_bytes() const {
-    std::ifstream in("/proc/locks");
-    std::vector<int> bytes;
-    std::string line;
-    const std::string suffix = ":" + std::to_string(inode_);
-    while (std::getline(in, line)) {
-      // "1: OFDLCK  ADVISORY  READ  -1 00:2a:1234 100 101"
-      std::istringstream fields(line);
-      std::string id, kind, mode, type, pid, device, start, end;
-      fields >> id >> kind >> mode >> type >> pid >> device >> start >> end;
-      if (kind == "->") {  // a waiter line: "1: -> OFDLCK ..."
-        continue;
-      }
-      if (device.size() < suffix.size() ||
-          device.compare(device.size() - suffix.size(), suffix.size(), suffix) != 0) {
-        continue;
-      }
-      for (int byte = std::stoi(start); byte <= std::stoi(end); ++byte) {
-        bytes.push_back(byte);
-      }
-    }
-    std::sort(bytes.begin(), bytes.end());
-    return bytes;
-  }
+  std::vector<int> locked_bytes() const { return testing::locked_bytes(testing::inode_of(path_)); }
 
   std::string path_;
   int fd_a_ = -1;
   int fd_b_ = -1;
-  ino_t inode_ = 0;
 };
 
 TEST(PermNamesTest, MatchesQemuBdrvPermNames) {
