@@ -6,5 +6,7 @@ namespace strata::cli {
 
 int daemon_main(int argc, char** argv);
 int qmp_main(int argc, char** argv);
+int img_main(int argc, char** argv);
+int io_main(int argc, char** argv);
 
 }  // namespace strata::cli

@@ -18,6 +18,8 @@ constexpr SubCommand kSubCommands[] = {
     {"daemon", strata::cli::daemon_main,
      "storage daemon (qemu-storage-daemon command line and QMP)"},
     {"qmp", strata::cli::qmp_main, "QMP client: one-shot command or interactive shell"},
+    {"img", strata::cli::img_main, "disk image utility (qemu-img syntax: info, map, compare, ...)"},
+    {"io", strata::cli::io_main, "image I/O exerciser (qemu-io syntax and commands)"},
 };
 
 void print_usage(FILE* out) {

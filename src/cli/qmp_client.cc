@@ -149,7 +149,10 @@ Result<std::optional<Json>> QmpClient::read_message(int timeout_ms) {
       if (errno == EINTR || errno == EAGAIN) {
         continue;
       }
-      return Error::from_errno(errno, "cannot read from the QMP server");
+      if (errno != ECONNRESET) {
+        return Error::from_errno(errno, "cannot read from the QMP server");
+      }
+      n = 0;  // the server closed while our last request was in flight (e.g. after quit)
     }
     if (n == 0) {
       return make_error(ErrorKind::kProtocol, "connection closed by the QMP server");

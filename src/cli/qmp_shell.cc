@@ -148,12 +148,16 @@ class Shell {
       return false;
     }
     print(*reply);
+    if (last_command_ == "quit") {
+      quit_done_ = true;
+    }
     return true;
   }
 
   void report_lost(const Error& error) {
-    // After `quit` the server closing the connection is the expected outcome.
-    if (last_command_ != "quit") {
+    // After `quit` the server closing the connection is the expected outcome, even if another
+    // request was already on its way.
+    if (last_command_ != "quit" && !quit_done_) {
       std::fprintf(stderr, "strata qmp: %s\n", error.message().c_str());
       lost_unexpectedly_ = true;
     }
@@ -166,6 +170,7 @@ class Shell {
   bool interactive_;
   std::string last_command_;
   bool lost_unexpectedly_ = false;
+  bool quit_done_ = false;
 };
 
 }  // namespace

@@ -2,52 +2,14 @@
 
 #include <map>
 
+#include "block/info/image_info.h"
+
 namespace strata::daemon {
 
 using block::Node;
 
-namespace {
-// QEMU's bdrv_filter_or_cow_bs: the backing file of a format node, or the filtered child of a
-// filter. Query output nests and counts this chain.
-const Node* filter_or_cow(const Node& node) {
-  if (block::Child* backing = node.backing_child(); backing != nullptr) {
-    return backing->node();
-  }
-  if (block::Child* primary = node.primary_child(); primary != nullptr && node.is_filter()) {
-    return primary->node();
-  }
-  return nullptr;
-}
-}  // namespace
-
-nlohmann::json image_info(const Node& node, bool flat) {
-  nlohmann::json info;
-  info["filename"] = node.filename();
-  info["format"] = node.format_name();
-  info["virtual-size"] = node.length();
-  if (auto actual = node.allocated_size()) {
-    info["actual-size"] = *actual;
-  }
-  if (auto dirty = node.dirty_flag()) {
-    info["dirty-flag"] = *dirty;
-  }
-  if (auto cluster = node.cluster_size()) {
-    info["cluster-size"] = *cluster;
-  }
-  nlohmann::json specific = node.format_specific_info();
-  if (!specific.is_null()) {
-    info["format-specific"] = specific;
-  }
-  if (block::Child* backing = node.backing_child(); backing != nullptr) {
-    info["backing-filename"] = backing->node()->filename();
-    info["full-backing-filename"] = backing->node()->filename();
-    info["backing-filename-format"] = backing->node()->format_name();
-  }
-  if (const Node* below = filter_or_cow(node); below != nullptr && !flat) {
-    info["backing-image"] = image_info(*below, false);
-  }
-  return info;
-}
+using block::filter_or_cow;
+using block::image_info;
 
 nlohmann::json block_device_info(const Node& node, bool flat) {
   const auto& options = node.common_options();

@@ -1,6 +1,6 @@
 #pragma once
 // QMP views of the block graph: BlockDeviceInfo (query-named-block-nodes) and the debug graph
-// (x-debug-query-block-graph), with QEMU's member names.
+// (x-debug-query-block-graph), with QEMU's member names. ImageInfo is block/info/image_info.h.
 
 #include <nlohmann/json.hpp>
 
@@ -11,8 +11,6 @@ namespace strata::daemon {
 // BlockDeviceInfo of one node. With `flat`, the image's backing chain is not nested and
 // backing_file_depth is 0.
 nlohmann::json block_device_info(const block::Node& node, bool flat);
-// ImageInfo of one node (nested backing-image unless `flat`).
-nlohmann::json image_info(const block::Node& node, bool flat);
 // XDbgBlockGraph: {"nodes": [...], "edges": [...]}.
 nlohmann::json debug_block_graph(const block::Graph& graph);
 

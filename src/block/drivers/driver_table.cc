@@ -4,6 +4,7 @@
 #include "block/drivers/driver.h"
 #include "block/drivers/file/file_node.h"
 #include "block/drivers/null/null_node.h"
+#include "block/drivers/qcow2/qcow2_node.h"
 #include "block/drivers/raw/raw_node.h"
 
 namespace strata::block {
@@ -14,6 +15,7 @@ const Driver kDrivers[] = {
     {"file", &FileNode::parse, &FileNode::open},
     {"null-aio", &NullNode::parse, &NullNode::open_aio},
     {"null-co", &NullNode::parse, &NullNode::open_co},
+    {"qcow2", &qcow2::Qcow2Node::parse, &qcow2::Qcow2Node::open},
     {"raw", &RawNode::parse, &RawNode::open},
 };
 }  // namespace

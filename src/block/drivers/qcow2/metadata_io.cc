@@ -1,0 +1,23 @@
+#include "block/drivers/qcow2/metadata_io.h"
+
+#include <algorithm>
+
+#include "block/io/request.h"
+
+namespace strata::block::qcow2 {
+
+aio::Task<Result<void>> read_zero_padded(Node& node, uint64_t offset, IoVector qiov) {
+  const uint64_t length = node.length();
+  const uint64_t wanted = qiov.size();
+  const uint64_t in_node = offset >= length ? 0 : std::min(wanted, length - offset);
+  if (in_node < wanted) {
+    qiov.fill(in_node, 0, wanted - in_node);
+  }
+  if (in_node == 0) {
+    co_return ok();
+  }
+  Result<void> read = co_await io::preadv(node, offset, qiov.slice(0, in_node));
+  co_return read;
+}
+
+}  // namespace strata::block::qcow2

@@ -1,0 +1,19 @@
+#pragma once
+// Reads from a qcow2 child where the bytes past its end read as zeroes, as QEMU's block layer
+// returns them (bdrv_aligned_preadv zero-fills past EOF). Metadata, data and backing reads of
+// the qcow2 driver all go through here, so an image whose tables point past its end yields
+// zeroes, never an error or an out-of-range request.
+
+#include <cstdint>
+
+#include "aio/task.h"
+#include "base/result.h"
+#include "block/graph/node.h"
+#include "block/io/io_vector.h"
+
+namespace strata::block::qcow2 {
+
+// Reads qiov.size() bytes of `node` at `offset`; the part at or past node.length() is zeroed.
+aio::Task<Result<void>> read_zero_padded(Node& node, uint64_t offset, IoVector qiov);
+
+}  // namespace strata::block::qcow2

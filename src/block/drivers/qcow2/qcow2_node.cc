@@ -1,0 +1,701 @@
+#include "block/drivers/qcow2/qcow2_node.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "aio/event_loop.h"
+#include "block/drivers/blkdebug/events.h"
+#include "block/drivers/qcow2/compressed.h"
+#include "block/drivers/qcow2/format.h"
+#include "block/drivers/qcow2/metadata_io.h"
+#include "block/io/request.h"
+
+namespace strata::block::qcow2 {
+
+namespace {
+
+constexpr std::array<std::string_view, 4> kOverlapModes = {"none", "constant", "cached", "all"};
+constexpr std::array<std::string_view, 2> kEncryptFormats = {"aes", "luks"};
+constexpr const char* kOverlapFlags[] = {
+    "main-header",    "active-l1",   "active-l2",   "refcount-table",   "refcount-block",
+    "snapshot-table", "inactive-l1", "inactive-l2", "bitmap-directory",
+};
+
+constexpr uint64_t kDefaultL2CacheMaxSize = 32ull << 20;  // DEFAULT_L2_CACHE_MAX_SIZE
+constexpr uint64_t kMinL2CacheSize = 2;                   // MIN_L2_CACHE_SIZE (entries)
+constexpr uint64_t kMinRefcountCacheSize = 4;             // MIN_REFCOUNT_CACHE_SIZE (clusters)
+
+Error invalid(std::string message) {
+  return Error(ErrorKind::kInvalidArgument, std::move(message), EINVAL);
+}
+
+// Metadata reads while opening. A driver's open is synchronous and may run inside a coroutine
+// of the caller's loop, which must not be re-entered; the reads run on a private loop instead
+// (children opened moments ago have no requests in flight that could wait for the caller's loop).
+class OpenReader {
+ public:
+  static Result<OpenReader> create() {
+    auto loop = aio::EventLoop::create(16);
+    if (!loop) {
+      return std::move(loop).error();
+    }
+    return OpenReader(std::move(loop).value());
+  }
+  // `length` bytes at `offset`, zeroes past the end of `node`.
+  Result<std::vector<uint8_t>> read(Node& node, uint64_t offset, size_t length) {
+    std::vector<uint8_t> buffer(length);
+    Result<void> done =
+        loop_->block_on(read_zero_padded(node, offset, IoVector(buffer.data(), buffer.size())));
+    if (!done) {
+      return std::move(done).error();
+    }
+    return buffer;
+  }
+
+ private:
+  explicit OpenReader(std::unique_ptr<aio::EventLoop> loop) : loop_(std::move(loop)) {}
+  std::unique_ptr<aio::EventLoop> loop_;
+};
+
+std::string dirname_of(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) {
+    return "";
+  }
+  return path.substr(0, slash + 1);
+}
+
+// QEMU's path_combine for a name stored in an image: absolute names stay, relative names are
+// relative to the image's directory. Names are plain local paths: never json: or protocol specs
+// (CVE-2024-4467).
+Result<std::string> resolve_image_relative(const Node& file, const std::string& name) {
+  if (!name.empty() && name[0] == '/') {
+    return name;
+  }
+  auto base = file.exact_filename();
+  if (!base) {
+    return invalid("Cannot use relative backing file names for '" + file.filename() + "'");
+  }
+  return dirname_of(*base) + name;
+}
+
+// Opens a child given only as a local path with driver `driver` ("file", or a format over a file).
+Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string& driver,
+                           const std::string& path, const std::string& child_name, uint32_t role) {
+  nlohmann::json file_options = {{"driver", "file"}, {"filename", path}};
+  nlohmann::json options =
+      driver == "file" ? file_options : nlohmann::json{{"driver", driver}, {"file", file_options}};
+  options["read-only"] = true;
+  ArgDecoder d(options);
+  BlockdevRef ref;
+  ref.inline_options = parse_blockdev_options(d, options);
+  auto decoded = d.finish();
+  if (!decoded) {
+    return std::move(decoded).error();
+  }
+  return context.attach(parent, ref, child_name, role);
+}
+
+// The first bytes of a local file, for probing a backing file without a format.
+bool has_qcow2_magic(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return false;
+  }
+  uint8_t magic[4] = {};
+  ssize_t n = ::pread(fd, magic, sizeof(magic), 0);
+  ::close(fd);
+  return n == 4 && load_be32(magic) == kMagic;
+}
+
+}  // namespace
+
+// ---- options -----------------------------------------------------------------------------------
+
+std::unique_ptr<DriverOptions> Qcow2Node::parse(ArgDecoder& d) {
+  auto options = std::make_unique<Qcow2Options>();
+  if (auto file = parse_blockdev_ref(d, "file", true)) {
+    options->file = std::move(*file);
+  }
+  options->backing = parse_blockdev_ref(d, "backing", false, true);
+  options->lazy_refcounts = d.opt_bool("lazy-refcounts");
+  options->pass_discard_request = d.opt_bool("pass-discard-request");
+  options->pass_discard_snapshot = d.opt_bool("pass-discard-snapshot");
+  options->pass_discard_other = d.opt_bool("pass-discard-other");
+  options->discard_no_unref = d.opt_bool("discard-no-unref");
+  if (const nlohmann::json* overlap = d.opt_any("overlap-check")) {
+    // Qcow2OverlapChecks: a mode name, or an object with a template and per-structure flags.
+    if (overlap->is_string()) {
+      const auto mode = overlap->get<std::string>();
+      if (std::find(kOverlapModes.begin(), kOverlapModes.end(), mode) == kOverlapModes.end()) {
+        d.fail(invalid("Parameter '" + d.full_name("overlap-check") + "' does not accept value '" +
+                       mode + "'"));
+      }
+      options->overlap_check = mode;
+    } else if (overlap->is_object()) {
+      ArgDecoder o = d.nested(*overlap, "overlap-check");
+      options->overlap_check = o.opt_enum("template", kOverlapModes);
+      for (const char* flag : kOverlapFlags) {
+        (void)o.opt_bool(flag);
+      }
+      ignore_error(o.finish(), "recorded in the shared decoder state");
+    } else {
+      d.fail(invalid("Invalid parameter type for '" + d.full_name("overlap-check") +
+                     "', expected: Qcow2OverlapChecks"));
+    }
+  }
+  options->cache_size = d.opt_i64("cache-size");
+  options->l2_cache_size = d.opt_i64("l2-cache-size");
+  options->l2_cache_entry_size = d.opt_i64("l2-cache-entry-size");
+  options->refcount_cache_size = d.opt_i64("refcount-cache-size");
+  options->cache_clean_interval = d.opt_i64("cache-clean-interval");
+  if (auto encrypt = d.opt_object("encrypt")) {
+    options->has_encrypt = true;
+    options->encrypt_format = encrypt->enumeration("format", kEncryptFormats);
+    (void)encrypt->opt_str("key-secret");
+    ignore_error(encrypt->finish(), "recorded in the shared decoder state");
+  }
+  options->data_file = parse_blockdev_ref(d, "data-file", false);
+  return options;
+}
+
+Result<CacheSizes> compute_cache_sizes(const Header& header, const Qcow2Options& options) {
+  // QEMU's read_cache_sizes and qcow2_update_options_prepare.
+  const uint64_t cluster_size = header.cluster_size();
+  const uint64_t disk_size = header.size & ~uint64_t{511};
+  const uint64_t max_l2_entries = (disk_size + cluster_size - 1) / cluster_size;
+  const uint64_t max_l2_cache =
+      (max_l2_entries * header.l2_entry_size() + cluster_size - 1) / cluster_size * cluster_size;
+  const uint64_t min_refcount_cache = kMinRefcountCacheSize * cluster_size;
+  auto as_size = [](const std::optional<int64_t>& v) { return static_cast<uint64_t>(*v); };
+
+  const uint64_t l2_cache_max_setting =
+      options.l2_cache_size ? as_size(options.l2_cache_size) : kDefaultL2CacheMaxSize;
+  uint64_t refcount_cache_size =
+      options.refcount_cache_size ? as_size(options.refcount_cache_size) : 0;
+  uint64_t entry_size =
+      options.l2_cache_entry_size ? as_size(options.l2_cache_entry_size) : cluster_size;
+  uint64_t l2_cache_size = std::min(max_l2_cache, l2_cache_max_setting);
+
+  if (options.cache_size) {
+    const uint64_t combined = as_size(options.cache_size);
+    if (options.l2_cache_size && options.refcount_cache_size) {
+      return invalid(
+          "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time");
+    }
+    if (options.l2_cache_size && l2_cache_max_setting > combined) {
+      return invalid("l2-cache-size may not exceed cache-size");
+    }
+    if (refcount_cache_size > combined) {
+      return invalid("refcount-cache-size may not exceed cache-size");
+    }
+    if (options.l2_cache_size) {
+      refcount_cache_size = combined - l2_cache_size;
+    } else if (options.refcount_cache_size) {
+      l2_cache_size = combined - refcount_cache_size;
+    } else if (combined >= max_l2_cache + min_refcount_cache) {
+      l2_cache_size = max_l2_cache;
+      refcount_cache_size = combined - l2_cache_size;
+    } else {
+      refcount_cache_size = std::min(combined, min_refcount_cache);
+      l2_cache_size = combined - refcount_cache_size;
+    }
+  }
+  if (l2_cache_size < max_l2_cache && !options.l2_cache_entry_size) {
+    entry_size = std::min<uint64_t>(cluster_size, 4096);
+  }
+  if (entry_size < 512 || entry_size > cluster_size || (entry_size & (entry_size - 1)) != 0) {
+    return invalid("L2 cache entry size must be a power of two between 512 and the cluster size (" +
+                   std::to_string(cluster_size) + ")");
+  }
+  CacheSizes sizes;
+  sizes.l2_slice_bytes = static_cast<uint32_t>(entry_size);
+  sizes.l2_slices = std::max(l2_cache_size / entry_size, kMinL2CacheSize);
+  if (sizes.l2_slices > static_cast<uint64_t>(INT32_MAX)) {
+    return invalid("L2 cache size too big");
+  }
+  sizes.refcount_blocks = std::max(refcount_cache_size / cluster_size, kMinRefcountCacheSize);
+  if (sizes.refcount_blocks > static_cast<uint64_t>(INT32_MAX)) {
+    return invalid("Refcount cache size too big");
+  }
+  return sizes;
+}
+
+// ---- open ----------------------------------------------------------------------------------
+
+Qcow2Node::Qcow2Node(CommonOptions common) : Node(std::move(common)) {}
+Qcow2Node::~Qcow2Node() = default;
+
+Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
+                                              const BlockdevOptions& options) {
+  const auto& qcow2 = static_cast<const Qcow2Options&>(*options.driver_options);
+  if (!context.options().read_only) {
+    return Error(ErrorKind::kUnsupported,
+                 "qcow2 images can only be opened read-only in this version of strata "
+                 "(set read-only=on)",
+                 ENOTSUP);
+  }
+  auto node = std::make_shared<Qcow2Node>(context.options());
+  auto file = context.attach(*node, qcow2.file, "file", kRoleImage);
+  if (!file) {
+    return std::move(file).error();
+  }
+  auto loaded = node->load(context, qcow2);
+  if (!loaded) {
+    return std::move(loaded).error();
+  }
+  auto backing = node->open_backing(context, qcow2);
+  if (!backing) {
+    return std::move(backing).error();
+  }
+  // QEMU's qcow2_refresh_limits.
+  node->limits_.pwrite_zeroes_alignment = static_cast<uint32_t>(node->header_.subcluster_size());
+  node->limits_.pdiscard_alignment = static_cast<uint32_t>(node->header_.cluster_size());
+  return std::shared_ptr<Node>(std::move(node));
+}
+
+Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) {
+  auto reader = OpenReader::create();
+  if (!reader) {
+    return std::move(reader).error();
+  }
+  auto head = reader->read(file(), 0, kHeaderStructSize);
+  if (!head) {
+    return head.error().with_prefix("Could not read qcow2 header");
+  }
+  auto bits = probe_cluster_bits(*head);
+  if (!bits) {
+    return std::move(bits).error();
+  }
+  auto cluster = reader->read(file(), 0, size_t{1} << *bits);
+  if (!cluster) {
+    return cluster.error().with_prefix("Could not read qcow2 header");
+  }
+  auto header = parse_header(*cluster);
+  if (!header) {
+    return std::move(header).error();
+  }
+  header_ = *header;
+
+  // The active L1 table. Only the entries stored in the file are kept: the rest read as zero
+  // (unallocated), so the memory used is bounded by the file size, not by the header.
+  std::vector<uint64_t> l1;
+  if (header_.l1_size > 0) {
+    const uint64_t file_length = file().length();
+    const uint64_t l1_bytes = uint64_t{header_.l1_size} * 8;
+    const uint64_t stored = header_.l1_table_offset >= file_length
+                                ? 0
+                                : std::min(l1_bytes, file_length - header_.l1_table_offset);
+    // QEMU's block layer refuses requests ending past BDRV_MAX_LENGTH with EIO.
+    constexpr uint64_t kMaxRequestEnd = (uint64_t{1} << 63) - (uint64_t{1} << 30);
+    if (header_.l1_table_offset > kMaxRequestEnd - l1_bytes) {
+      return Error(ErrorKind::kIo, "Could not read L1 table: Input/output error", EIO);
+    }
+    auto raw = reader->read(file(), header_.l1_table_offset, static_cast<size_t>(stored / 8 * 8));
+    if (!raw) {
+      return raw.error().with_prefix("Could not read L1 table");
+    }
+    l1.resize(raw->size() / 8);
+    for (size_t i = 0; i < l1.size(); ++i) {
+      l1[i] = load_be64(raw->data() + i * 8);
+    }
+  }
+
+  // Options (QEMU's qcow2_update_options_prepare).
+  auto caches = compute_cache_sizes(header_, options);
+  if (!caches) {
+    return std::move(caches).error();
+  }
+  if (options.cache_clean_interval && *options.cache_clean_interval > int64_t{UINT32_MAX}) {
+    return invalid("Cache clean interval too big");
+  }
+  if (options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0) &&
+      header_.version < 3) {
+    return invalid(
+        "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level");
+  }
+  if (options.has_encrypt && options.encrypt_format) {
+    return invalid("No encryption in image header, but options specified format '" +
+                   *options.encrypt_format + "'");
+  }
+
+  auto extensions = parse_extensions(header_, *cluster);
+  if (!extensions) {
+    return std::move(extensions).error();
+  }
+  image_backing_format_ = extensions->backing_format.value_or("");
+  image_data_file_ = extensions->data_file;
+
+  // External data file.
+  const bool has_data_file_bit = (header_.incompatible_features & kIncompatDataFile) != 0;
+  data_file_given_ = options.data_file.has_value();
+  if (has_data_file_bit) {
+    if (options.data_file) {
+      auto attached = context.attach(*this, *options.data_file, "data-file", kRoleData);
+      if (!attached) {
+        return std::move(attached).error();
+      }
+      data_file_ = *attached;
+    } else if (image_data_file_) {
+      // QEMU opens the stored name as given (relative names are relative to the working
+      // directory, not to the image), and only ever as a plain local file.
+      auto attached =
+          attach_path(context, *this, "file", *image_data_file_, "data-file", kRoleData);
+      if (!attached) {
+        return std::move(attached).error();
+      }
+      data_file_ = *attached;
+    } else {
+      return invalid("'data-file' is required for this image");
+    }
+    // The image file holds no guest data now (QEMU drops BDRV_CHILD_DATA from bs->file). A
+    // read-only node takes the same permissions either way.
+  } else {
+    if (options.data_file) {
+      return invalid("'data-file' can only be set for images with an external data file");
+    }
+    if (header_.autoclear_features & kAutoclearDataFileRaw) {
+      return invalid("data-file-raw requires a data file");
+    }
+  }
+
+  auto backing_name = parse_backing_file_name(header_, *cluster);
+  if (!backing_name) {
+    return std::move(backing_name).error();
+  }
+  if (*backing_name) {
+    image_backing_file_ = **backing_name;
+  }
+
+  // The snapshot table (QEMU's qcow2_read_snapshots): only its shape is checked; reads use the
+  // active L1 table. Each entry is read from the file, so the work is bounded by nb_snapshots
+  // (at most 65536, checked with the header) and the table size by QEMU's limit.
+  uint64_t offset = header_.snapshots_offset;
+  for (uint32_t i = 0; i < header_.nb_snapshots; ++i) {
+    offset = (offset + 7) & ~uint64_t{7};
+    auto entry = reader->read(file(), offset, kSnapshotHeaderSize);
+    if (!entry) {
+      return entry.error().with_prefix("Failed to read snapshot table");
+    }
+    const uint32_t extra = load_be32(entry->data() + 32);
+    const uint16_t id_size = load_be16(entry->data() + 36);
+    const uint16_t name_size = load_be16(entry->data() + 38);
+    if (extra > kMaxSnapshotExtraData) {
+      return Error(ErrorKind::kInvalidArgument,
+                   "Too much extra metadata in snapshot table entry " + std::to_string(i), EFBIG);
+    }
+    offset += kSnapshotHeaderSize + extra + id_size + name_size;
+    if (offset - header_.snapshots_offset > kMaxSnapshotsTableBytes) {
+      return Error(ErrorKind::kInvalidArgument, "Snapshot table is too big", EFBIG);
+    }
+  }
+
+  map_ = std::make_unique<ClusterMap>(header_, std::move(l1), data_file_ != nullptr,
+                                      caches->l2_slices, caches->l2_slice_bytes);
+  return ok();
+}
+
+Result<void> Qcow2Node::open_backing(OpenContext& context, const Qcow2Options& options) {
+  if (options.backing) {
+    backing_overridden_ = true;
+    if (options.backing->is_null) {
+      return ok();
+    }
+    auto attached = context.attach(*this, *options.backing, "backing", kRoleCow);
+    if (!attached) {
+      return std::move(attached).error();
+    }
+    return ok();
+  }
+  if (image_backing_file_.empty()) {
+    return ok();
+  }
+  auto path = resolve_image_relative(file(), image_backing_file_);
+  if (!path) {
+    return path.error().with_prefix("Could not open backing file");
+  }
+  std::string format = image_backing_format_;
+  if (format.empty()) {
+    // QEMU probes an image without a backing format; strata knows qcow2 and raw.
+    format = has_qcow2_magic(*path) ? "qcow2" : "raw";
+  }
+  if (find_driver(format) == nullptr) {
+    return invalid("Could not open backing file: Unknown driver '" + format + "'");
+  }
+  auto attached = attach_path(context, *this, format, *path, "backing", kRoleCow);
+  if (!attached) {
+    return attached.error().with_prefix("Could not open backing file");
+  }
+  return ok();
+}
+
+// ---- data path ---------------------------------------------------------------------------
+
+aio::Task<Result<void>> Qcow2Node::co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                             uint32_t) {
+  uint64_t done = 0;
+  while (done < bytes) {
+    Result<Mapping> mapped = co_await map_->map(file(), offset + done, bytes - done);
+    if (!mapped) {
+      co_return std::move(mapped).error();
+    }
+    const Mapping m = *mapped;
+    const uint64_t n = std::min(m.bytes, bytes - done);
+    IoVector part = qiov.slice(done, n);
+    switch (m.type) {
+      case SubclusterType::kZeroPlain:
+      case SubclusterType::kZeroAlloc:
+        part.fill(0, 0, n);
+        break;
+      case SubclusterType::kUnallocatedPlain:
+      case SubclusterType::kUnallocatedAlloc:
+        if (Child* backing = backing_child(); backing != nullptr) {
+          block::debug_event(child("file"), BlkdebugEvent::kReadBackingAio);
+          Result<void> read = co_await read_zero_padded(*backing->node(), offset + done, part);
+          if (!read) {
+            co_return read;
+          }
+        } else {
+          part.fill(0, 0, n);
+        }
+        break;
+      case SubclusterType::kNormal: {
+        block::debug_event(child("file"), BlkdebugEvent::kReadAio);
+        Result<void> read = co_await read_zero_padded(data_file(), m.host_offset, part);
+        if (!read) {
+          co_return read;
+        }
+        break;
+      }
+      case SubclusterType::kCompressed: {
+        Result<void> read = co_await read_compressed(m, offset + done, n, part);
+        if (!read) {
+          co_return read;
+        }
+        break;
+      }
+    }
+    done += n;
+  }
+  co_return ok();
+}
+
+aio::Task<Result<void>> Qcow2Node::read_compressed(const Mapping& mapping, uint64_t offset,
+                                                   uint64_t bytes, IoVector qiov) {
+  block::debug_event(child("file"), BlkdebugEvent::kReadCompressed);
+  const uint64_t cluster_size = header_.cluster_size();
+  // compressed_size is at most two clusters (qcow2.rst: the sector count has cluster_bits - 8
+  // bits).
+  std::vector<uint8_t> compressed(mapping.compressed_size);
+  Result<void> read = co_await read_zero_padded(file(), mapping.compressed_offset,
+                                                IoVector(compressed.data(), compressed.size()));
+  if (!read) {
+    co_return read;
+  }
+  std::vector<uint8_t> cluster(cluster_size);
+  Result<void> inflated = decompress(header_.compression_type, compressed, cluster);
+  if (!inflated) {
+    co_return std::move(inflated).error();
+  }
+  const uint64_t in_cluster = offset & (cluster_size - 1);
+  qiov.copy_from(0, cluster.data() + in_cluster, bytes);
+  co_return ok();
+}
+
+aio::Task<Result<bool>> Qcow2Node::detect_metadata_preallocation() {
+  const uint64_t cluster_size = header_.cluster_size();
+  auto allocated = file().allocated_size();
+  if (!allocated) {
+    co_return false;
+  }
+  const uint64_t real_clusters = *allocated / cluster_size;
+  const uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
+  const uint64_t end_cluster = (file().length() + cluster_size - 1) / cluster_size;
+  const uint32_t refcount_bits = 1u << header_.refcount_order;
+  // Entries per refcount block: cluster_size * 8 / refcount_bits.
+  const uint64_t block_entries = (cluster_size * 8) >> header_.refcount_order;
+  const uint64_t table_entries = uint64_t{header_.refcount_table_clusters} * cluster_size / 8;
+  std::vector<uint8_t> block(cluster_size);
+  uint64_t loaded_index = UINT64_MAX;
+  uint64_t count = 0;
+  for (uint64_t i = 0; i < end_cluster && count < threshold; ++i) {
+    const uint64_t table_index = i / block_entries;
+    if (table_index >= table_entries) {
+      break;
+    }
+    if (table_index != loaded_index) {
+      uint8_t entry[8];
+      Result<void> read = co_await read_zero_padded(
+          file(), header_.refcount_table_offset + table_index * 8, IoVector(entry, 8));
+      if (!read) {
+        co_return std::move(read).error();
+      }
+      const uint64_t block_offset = load_be64(entry) & 0xfffffffffffffe00ull;
+      if (block_offset == 0) {
+        std::fill(block.begin(), block.end(), 0);
+      } else {
+        Result<void> loaded =
+            co_await read_zero_padded(file(), block_offset, IoVector(block.data(), block.size()));
+        if (!loaded) {
+          co_return std::move(loaded).error();
+        }
+      }
+      loaded_index = table_index;
+    }
+    const uint64_t index = i % block_entries;
+    const uint64_t bit = index * refcount_bits;
+    bool nonzero = false;
+    for (uint32_t b = 0; b < refcount_bits && !nonzero; b += 8) {
+      if (refcount_bits < 8) {
+        // Sub-byte refcounts are packed from the least significant bit (QEMU's get_refcount_ro0).
+        nonzero = ((block[bit / 8] >> (bit % 8)) & ((1u << refcount_bits) - 1)) != 0;
+      } else {
+        nonzero = block[bit / 8 + b / 8] != 0;
+      }
+    }
+    count += nonzero ? 1 : 0;
+  }
+  co_return count >= threshold;
+}
+
+aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint64_t bytes) {
+  if (!metadata_preallocation_) {
+    Result<bool> detected = co_await detect_metadata_preallocation();
+    if (!detected) {
+      co_return std::move(detected).error();
+    }
+    metadata_preallocation_ = *detected;
+  }
+  Result<Mapping> mapped = co_await map_->map(file(), offset, bytes);
+  if (!mapped) {
+    co_return std::move(mapped).error();
+  }
+  // QEMU's qcow2_co_block_status.
+  BlockStatus status;
+  status.bytes = std::min(mapped->bytes, bytes);
+  switch (mapped->type) {
+    case SubclusterType::kNormal:
+      status.flags = BlockStatus::kData | BlockStatus::kOffsetValid;
+      break;
+    case SubclusterType::kZeroAlloc:
+      status.flags = BlockStatus::kZero | BlockStatus::kOffsetValid;
+      break;
+    case SubclusterType::kUnallocatedAlloc:
+      status.flags = BlockStatus::kOffsetValid;
+      break;
+    case SubclusterType::kZeroPlain:
+      status.flags = BlockStatus::kZero;
+      break;
+    case SubclusterType::kCompressed:
+      status.flags = BlockStatus::kData;
+      break;
+    case SubclusterType::kUnallocatedPlain:
+      status.flags = 0;
+      break;
+  }
+  if (status.flags & BlockStatus::kOffsetValid) {
+    status.map_offset = mapped->host_offset;
+    status.file = &data_file();
+    if (*metadata_preallocation_ && (status.flags & BlockStatus::kData)) {
+      status.flags |= BlockStatus::kRecurse;
+    }
+  }
+  co_return status;
+}
+
+namespace {
+Error read_only_error() {
+  return Error(ErrorKind::kUnsupported,
+               "qcow2 images can only be opened read-only in this version of strata", EROFS);
+}
+}  // namespace
+
+aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t, uint64_t, IoVector, uint32_t) {
+  co_return read_only_error();
+}
+aio::Task<Result<void>> Qcow2Node::co_pdiscard(uint64_t, uint64_t) {
+  co_return read_only_error();
+}
+aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t, uint64_t, uint32_t) {
+  co_return read_only_error();
+}
+aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
+  co_return read_only_error();
+}
+
+Result<void> Qcow2Node::on_inactivate() {
+  map_->l2_cache().clear();
+  return ok();
+}
+
+// ---- info ----------------------------------------------------------------------------------
+
+std::optional<std::string> Qcow2Node::exact_filename() const {
+  // QEMU's bdrv_refresh_filename: a plain filename only when nothing but the file defines what
+  // the node reads.
+  if (backing_overridden_ || data_file_given_) {
+    return std::nullopt;
+  }
+  return file().exact_filename();
+}
+
+nlohmann::json Qcow2Node::strong_options() const {
+  nlohmann::json options = nlohmann::json::object();
+  if (backing_overridden_ && backing_child() == nullptr) {
+    options["backing"] = nullptr;
+  }
+  return options;
+}
+
+std::optional<std::string> Qcow2Node::full_backing_filename() const {
+  if (image_backing_file_.empty()) {
+    return std::nullopt;
+  }
+  auto path = resolve_image_relative(file(), image_backing_file_);
+  if (!path) {
+    return std::nullopt;
+  }
+  return *path;
+}
+
+std::optional<uint64_t> Qcow2Node::allocated_size() const {
+  auto size = file().allocated_size();
+  if (data_file_ != nullptr && size) {
+    auto data = data_file_->node()->allocated_size();
+    if (data) {
+      return *size + *data;
+    }
+  }
+  return size;
+}
+
+nlohmann::json Qcow2Node::format_specific_info() const {
+  // QEMU's qcow2_get_specific_info.
+  nlohmann::json data;
+  const char* compression = header_.compression_type == kCompressionZstd ? "zstd" : "zlib";
+  if (header_.version == 2) {
+    data = {{"compat", "0.10"},
+            {"refcount-bits", uint64_t{1} << header_.refcount_order},
+            {"compression-type", compression}};
+  } else {
+    data["compat"] = "1.1";
+    if (image_data_file_) {
+      data["data-file"] = *image_data_file_;
+    }
+    if (header_.incompatible_features & kIncompatDataFile) {
+      data["data-file-raw"] = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
+    }
+    data["extended-l2"] = header_.extended_l2();
+    data["lazy-refcounts"] = (header_.compatible_features & kCompatLazyRefcounts) != 0;
+    data["corrupt"] = (header_.incompatible_features & kIncompatCorrupt) != 0;
+    data["refcount-bits"] = uint64_t{1} << header_.refcount_order;
+    data["compression-type"] = compression;
+  }
+  return {{"type", "qcow2"}, {"data", data}};
+}
+
+}  // namespace strata::block::qcow2

@@ -1,0 +1,44 @@
+#include "block/info/image_info.h"
+
+namespace strata::block {
+
+const Node* filter_or_cow(const Node& node) {
+  if (Child* backing = node.backing_child(); backing != nullptr) {
+    return backing->node();
+  }
+  if (Child* primary = node.primary_child(); primary != nullptr && node.is_filter()) {
+    return primary->node();
+  }
+  return nullptr;
+}
+
+nlohmann::json image_info(const Node& node, bool flat) {
+  nlohmann::json info;
+  info["filename"] = node.filename();
+  info["format"] = node.format_name();
+  info["virtual-size"] = node.length();
+  if (auto actual = node.allocated_size()) {
+    info["actual-size"] = *actual;
+  }
+  if (auto dirty = node.dirty_flag()) {
+    info["dirty-flag"] = *dirty;
+  }
+  if (auto cluster = node.cluster_size()) {
+    info["cluster-size"] = *cluster;
+  }
+  nlohmann::json specific = node.format_specific_info();
+  if (!specific.is_null()) {
+    info["format-specific"] = specific;
+  }
+  if (Child* backing = node.backing_child(); backing != nullptr) {
+    info["backing-filename"] = backing->node()->filename();
+    info["full-backing-filename"] = backing->node()->filename();
+    info["backing-filename-format"] = backing->node()->format_name();
+  }
+  if (const Node* below = filter_or_cow(node); below != nullptr && !flat) {
+    info["backing-image"] = image_info(*below, false);
+  }
+  return info;
+}
+
+}  // namespace strata::block

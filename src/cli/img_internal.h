@@ -1,0 +1,48 @@
+#pragma once
+// Shared by the `strata img` sub-commands (img_*.cc).
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "aio/task.h"
+#include "base/result.h"
+#include "block/graph/node.h"
+#include "cli/block_tool.h"
+
+namespace strata::cli::img {
+
+inline constexpr const char kProgram[] = "strata img";
+
+// qemu-img's error_report: "strata img: message" on stderr.
+void report(const std::string& message);
+// qemu-img's error_exit: the message, a hint, exit status 1.
+int error_exit(const std::string& message);
+
+// One run of qemu-img's get_block_status over the backing chain (MapEntry without start).
+struct ChainStatus {
+  uint64_t bytes = 0;
+  bool data = false;
+  bool zero = false;
+  bool present = false;  // allocated somewhere in the chain
+  bool has_offset = false;
+  uint64_t offset = 0;
+  int depth = 0;
+  std::optional<std::string> filename;  // the file the offset is in
+};
+// Status of [offset, offset + bytes) of `node`, descending into backing files where a layer has
+// neither data nor zeroes (QEMU's bdrv_block_status_above with base NULL).
+aio::Task<Result<ChainStatus>> chain_status(block::Node& node, uint64_t offset, uint64_t bytes);
+
+int info_main(int argc, char** argv);
+int map_main(int argc, char** argv);
+int compare_main(int argc, char** argv);
+int convert_main(int argc, char** argv);
+int create_main(int argc, char** argv);
+
+// Creates (or truncates) a raw image file of `size` bytes with QEMU's raw preallocation modes
+// (off, falloc, full); allocates the first block like file-posix's create.
+Result<void> create_raw_file(const std::string& filename, uint64_t size,
+                             const std::string& preallocation);
+
+}  // namespace strata::cli::img
