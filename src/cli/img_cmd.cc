@@ -13,11 +13,11 @@
 #include <string_view>
 #include <vector>
 
+#include "base/qemu_json.h"
 #include "block/info/image_info.h"
 #include "block/io/request.h"
 #include "cli/commands.h"
 #include "cli/img_internal.h"
-#include "cli/qemu_json.h"
 
 namespace strata::cli {
 

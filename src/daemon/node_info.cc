@@ -19,6 +19,7 @@ nlohmann::json block_device_info(const Node& node, bool flat) {
   info["ro"] = node.is_read_only();
   info["drv"] = node.driver_name();
   int depth = 0;
+  // The attached backing node's filename (QEMU's bdrv_cow_bs), unlike ImageInfo's names.
   if (block::Child* backing = node.backing_child(); backing != nullptr) {
     info["backing_file"] = backing->node()->filename();
   }

@@ -1,5 +1,7 @@
 #include "qmp/monitor.h"
 
+#include "base/qemu_json.h"
+
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -13,68 +15,13 @@ namespace strata::qmp {
 
 namespace {
 
-nlohmann::ordered_json timestamp_now() {
+nlohmann::json timestamp_now() {
   timeval tv{};
   if (gettimeofday(&tv, nullptr) != 0) {
     return {{"seconds", -1}, {"microseconds", -1}};
   }
   return {{"seconds", static_cast<int64_t>(tv.tv_sec)},
           {"microseconds", static_cast<int64_t>(tv.tv_usec)}};
-}
-
-// QEMU's pretty printer (qobject/qjson.c): 4-space indent, CRLF line ends, and containers that
-// always break the line, even when empty ("{\r\n    }").
-void append_pretty(const nlohmann::ordered_json& value, int indent, std::string& out) {
-  auto newline = [&](int width) {
-    out += "\r\n";
-    out.append(static_cast<size_t>(width), ' ');
-  };
-  if (value.is_object() || value.is_array()) {
-    bool object = value.is_object();
-    out += object ? '{' : '[';
-    bool first = true;
-    for (auto it = value.begin(); it != value.end(); ++it) {
-      if (!first) {
-        out += ',';
-      }
-      first = false;
-      newline(indent + 4);
-      if (object) {
-        out += nlohmann::ordered_json(it.key()).dump(-1, ' ', false,
-                                                     nlohmann::json::error_handler_t::replace);
-        out += ": ";
-      }
-      append_pretty(*it, indent + 4, out);
-    }
-    newline(indent);
-    out += object ? '}' : ']';
-    return;
-  }
-  out += value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-}
-
-// QEMU's compact form: one line, ", " between members and ": " after keys.
-void append_compact(const nlohmann::ordered_json& value, std::string& out) {
-  if (value.is_object() || value.is_array()) {
-    bool object = value.is_object();
-    out += object ? '{' : '[';
-    bool first = true;
-    for (auto it = value.begin(); it != value.end(); ++it) {
-      if (!first) {
-        out += ", ";
-      }
-      first = false;
-      if (object) {
-        out += nlohmann::ordered_json(it.key()).dump(-1, ' ', false,
-                                                     nlohmann::json::error_handler_t::replace);
-        out += ": ";
-      }
-      append_compact(*it, out);
-    }
-    out += object ? '}' : ']';
-    return;
-  }
-  out += value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 Error qmp_error(std::string desc, const char* qmp_class = nullptr) {
@@ -84,8 +31,8 @@ Error qmp_error(std::string desc, const char* qmp_class = nullptr) {
 
 }  // namespace
 
-nlohmann::ordered_json error_object(const Error& error) {
-  nlohmann::ordered_json body;
+nlohmann::json error_object(const Error& error) {
+  nlohmann::json body;
   body["class"] = error.qmp_class().empty() ? "GenericError" : error.qmp_class();
   body["desc"] = error.message();
   return body;
@@ -103,17 +50,20 @@ Monitor::~Monitor() {
   monitors.erase(std::remove(monitors.begin(), monitors.end(), this), monitors.end());
 }
 
-void Monitor::send(const nlohmann::ordered_json& message) {
+void Monitor::send(const nlohmann::json& message) {
   if (peer_gone_) {
     return;
   }
-  // Replies may carry bytes from outside (names, file paths) that are not valid UTF-8; they are
-  // written as U+FFFD, as QEMU's writer does.
+  // QEMU's text: members in QDict order, its compact or pretty layout, and every line end written
+  // as \r\n (monitor_puts).
+  std::string json = qemu_json(message, options_.pretty);
   std::string text;
-  if (options_.pretty) {
-    append_pretty(message, 0, text);
-  } else {
-    append_compact(message, text);
+  text.reserve(json.size() + 8);
+  for (char c : json) {
+    if (c == '\n') {
+      text += '\r';
+    }
+    text += c;
   }
   text += "\r\n";
   outbox_.push_back(std::move(text));
@@ -165,9 +115,9 @@ aio::Task<void> Monitor::serve() {
   aio::TaskGroup writer;
   writer.spawn(write_loop());
 
-  nlohmann::ordered_json greeting;
+  nlohmann::json greeting;
   greeting["QMP"]["version"] = hub_.version();
-  greeting["QMP"]["capabilities"] = nlohmann::ordered_json::array({"oob"});
+  greeting["QMP"]["capabilities"] = nlohmann::json::array({"oob"});
   send(greeting);
 
   aio::EventLoop& loop = hub_.loop();
@@ -200,7 +150,7 @@ aio::Task<void> Monitor::serve() {
 
 aio::Task<void> Monitor::handle(Result<nlohmann::json> message) {
   if (!message) {
-    nlohmann::ordered_json reply;
+    nlohmann::json reply;
     reply["error"] = error_object(message.error());
     send(reply);
     co_return;
@@ -219,7 +169,7 @@ aio::Task<void> Monitor::dispatch(const nlohmann::json& request) {
     }
   }
   auto reply_error = [&](const Error& error) {
-    nlohmann::ordered_json reply;
+    nlohmann::json reply;
     if (id != nullptr) {
       reply["id"] = *id;
     }
@@ -304,8 +254,8 @@ aio::Task<void> Monitor::dispatch(const nlohmann::json& request) {
     }
     negotiated_ = true;
     oob_enabled_ = want_oob;
-    nlohmann::ordered_json reply;
-    reply["return"] = nlohmann::ordered_json::object();
+    nlohmann::json reply;
+    reply["return"] = nlohmann::json::object();
     if (id != nullptr) {
       reply["id"] = *id;
     }
@@ -331,7 +281,7 @@ aio::Task<void> Monitor::dispatch(const nlohmann::json& request) {
     reply_error(result.error());
     co_return;
   }
-  nlohmann::ordered_json reply;
+  nlohmann::json reply;
   reply["return"] = *result;
   if (id != nullptr) {
     reply["id"] = *id;
@@ -416,7 +366,7 @@ aio::Task<void> MonitorHub::serve_stream(int in_fd, int out_fd, MonitorOptions o
 }
 
 void MonitorHub::emit_event(std::string_view name, const nlohmann::json& data) {
-  nlohmann::ordered_json event;
+  nlohmann::json event;
   event["timestamp"] = timestamp_now();
   event["event"] = name;
   if (!data.is_null()) {

@@ -41,7 +41,7 @@ class Monitor {
 
   bool negotiated() const { return negotiated_; }
   // Queues one message for sending (\r\n-terminated, pretty if configured).
-  void send(const nlohmann::ordered_json& message);
+  void send(const nlohmann::json& message);
   // Serves the connection until the peer leaves or the hub shuts down.
   aio::Task<void> serve();
   // Stops reading; queued output is still flushed.
@@ -120,6 +120,6 @@ class MonitorHub {
 };
 
 // Error reply payload: {"class": ..., "desc": ...}.
-nlohmann::ordered_json error_object(const Error& error);
+nlohmann::json error_object(const Error& error);
 
 }  // namespace strata::qmp

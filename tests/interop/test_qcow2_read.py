@@ -108,15 +108,6 @@ def test_read_only_qcow2_same_as_qsd(pair, kind):
         assert d.qmp.cmd("blockdev-del", node_name="disk") == {"return": {}}
 
 
-BACKING_NAMES = pytest.mark.xfail(
-    strict=True,
-    reason="ImageInfo backing-filename/full-backing-filename/backing-filename-format must come "
-           "from the names stored in the qcow2 header (Qcow2Node::image_backing_file(), "
-           "full_backing_filename(), image_backing_format()); src/block/info/image_info.cc "
-           "still reports the attached backing node's filename")
-
-
-@BACKING_NAMES
 def test_backing_chain_same_as_qsd(pair):
     workdir = pair.workdir
     sh(workdir, "qemu-img create -q -f raw base.raw 1M\n"
@@ -135,7 +126,6 @@ def test_backing_chain_same_as_qsd(pair):
     assert views[0] == views[1]
 
 
-@BACKING_NAMES
 def test_backing_null_same_as_qsd(pair):
     workdir = pair.workdir
     sh(workdir, "qemu-img create -q -f raw base.raw 1M\n"

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <vector>
 
+#include "base/qemu_json.h"
 #include "block/graph/graph.h"
 #include "block/io/request.h"
 #include "block/io/request_tracker.h"
@@ -26,7 +27,7 @@ std::string Node::filename() const {
   if (auto exact = exact_filename()) {
     return *exact;
   }
-  return "json:" + full_options().dump();
+  return "json:" + qemu_json(full_options(), /*pretty=*/false);
 }
 
 nlohmann::json Node::full_options() const {

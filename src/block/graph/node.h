@@ -240,6 +240,14 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   // ImageInfo "format-specific" member, or null.
   virtual nlohmann::json format_specific_info() const { return nullptr; }
   virtual std::optional<uint64_t> cluster_size() const { return std::nullopt; }
+  // The backing file the image's own metadata names (QEMU's bs->backing_file and
+  // bs->backing_format), reported whichever backing node is attached, or none.
+  struct BackingFileName {
+    std::string name;       // as stored ("base.qcow2")
+    std::string full_name;  // resolved against the image's directory
+    std::string format;     // "" when the image stores none
+  };
+  virtual std::optional<BackingFileName> backing_file_name() const { return std::nullopt; }
   // ImageInfo "dirty-flag" for drivers that report image info (QEMU: drivers with get_info).
   virtual std::optional<bool> dirty_flag() const { return std::nullopt; }
 

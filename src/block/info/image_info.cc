@@ -30,7 +30,13 @@ nlohmann::json image_info(const Node& node, bool flat) {
   if (!specific.is_null()) {
     info["format-specific"] = specific;
   }
-  if (Child* backing = node.backing_child(); backing != nullptr) {
+  if (auto stored = node.backing_file_name()) {
+    info["backing-filename"] = stored->name;
+    info["full-backing-filename"] = stored->full_name;
+    if (!stored->format.empty()) {
+      info["backing-filename-format"] = stored->format;
+    }
+  } else if (Child* backing = node.backing_child(); backing != nullptr) {
     info["backing-filename"] = backing->node()->filename();
     info["full-backing-filename"] = backing->node()->filename();
     info["backing-filename-format"] = backing->node()->format_name();

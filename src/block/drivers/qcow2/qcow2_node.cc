@@ -662,6 +662,17 @@ std::optional<std::string> Qcow2Node::full_backing_filename() const {
   return *path;
 }
 
+std::optional<Node::BackingFileName> Qcow2Node::backing_file_name() const {
+  if (image_backing_file_.empty()) {
+    return std::nullopt;
+  }
+  BackingFileName name;
+  name.name = image_backing_file_;
+  name.full_name = full_backing_filename().value_or(image_backing_file_);
+  name.format = image_backing_format_;
+  return name;
+}
+
 std::optional<uint64_t> Qcow2Node::allocated_size() const {
   auto size = file().allocated_size();
   if (data_file_ != nullptr && size) {

@@ -61,6 +61,7 @@ class Qcow2Node final : public Node {
   // ImageInfo's backing-filename / full-backing-filename / backing-filename-format: QEMU reports
   // the names stored in the image, whichever backing node is attached (or none).
   std::optional<std::string> full_backing_filename() const;
+  std::optional<BackingFileName> backing_file_name() const override;
 
   aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
                                     uint32_t flags) override;

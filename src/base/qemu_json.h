@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace strata::cli {
+namespace strata {
 
 // `value` as QEMU prints it: pretty (4-space indent, "key": value) or compact.
 std::string qemu_json(const nlohmann::json& value, bool pretty);
@@ -17,4 +17,4 @@ std::string qemu_json(const nlohmann::json& value, bool pretty);
 // spaces); keys have '-' replaced by ' '.
 std::string qemu_dump_object(const nlohmann::json& value, int indentation);
 
-}  // namespace strata::cli
+}  // namespace strata

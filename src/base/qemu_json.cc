@@ -1,4 +1,4 @@
-#include "cli/qemu_json.h"
+#include "base/qemu_json.h"
 
 #include <algorithm>
 #include <cinttypes>
@@ -7,7 +7,7 @@
 #include <string_view>
 #include <vector>
 
-namespace strata::cli {
+namespace strata {
 
 namespace {
 
@@ -252,4 +252,4 @@ std::string qemu_dump_object(const nlohmann::json& value, int indentation) {
   return out;
 }
 
-}  // namespace strata::cli
+}  // namespace strata
