@@ -25,7 +25,10 @@ build: deps
 demo: build
 	./build/strata daemon
 
+# The optimized build is compiled too: release-only warnings (-O3) must fail here, not in `make`.
 test: deps-peers
+	cmake --preset release
+	cmake --build --preset release-all
 	cmake --preset asan
 	cmake --build --preset asan
 	ctest --preset asan
