@@ -3,7 +3,7 @@
 #   make            optimized binary at build/strata
 #   make demo       build, then run `strata daemon` on its embedded default
 #   make test       sanitizer build (build-asan/) and every test through CTest
-#   make test-long  soaks and slow tests
+#   make test-long  make test, then a long fuzzing soak
 #   make bench      benchmarks side by side with QEMU's tools and fio
 #   make fuzz       libFuzzer targets (clang), each run briefly
 #   make format     rewrite the tree with clang-format
@@ -33,8 +33,11 @@ test: deps-peers
 	cmake --build --preset asan
 	ctest --preset asan
 
+# Soak: every test, then each libFuzzer target for FUZZ_SECONDS (default 300 s here).
 test-long: test
-	STRATA_LONG=1 ctest --preset asan
+	cmake --preset fuzz
+	cmake --build --preset fuzz
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-300} scripts/run-fuzzers
 
 bench: deps-peers
 	cmake --preset release
