@@ -1,5 +1,6 @@
-// `strata img`: qemu-img's command line. This file: the dispatcher, create and info; map, compare
-// and convert live in img_map.cc, img_compare.cc and img_convert.cc.
+// `strata img`: qemu-img's command line. This file: the dispatcher and info; map, compare,
+// convert, create and check live in img_map.cc, img_compare.cc, img_convert.cc, img_create.cc
+// and img_check.cc.
 
 #include <fcntl.h>
 #include <getopt.h>
@@ -287,111 +288,6 @@ int info_main(int argc, char** argv) {
   return 0;
 }
 
-int create_main(int argc, char** argv) {
-  static const option kLongOptions[] = {
-      {"help", no_argument, nullptr, 'h'},
-      {nullptr, 0, nullptr, 0},
-  };
-  std::string format = "raw";
-  std::vector<std::string> option_strings;
-  bool quiet = false;
-  optind = 1;
-  int c = 0;
-  while ((c = getopt_long(argc, argv, ":F:b:f:ho:qu", kLongOptions, nullptr)) != -1) {
-    switch (c) {
-      case 'h':
-        std::printf(
-            "usage: strata img create [-f raw] [-o preallocation=off|falloc|full] [-q] "
-            "FILENAME [SIZE]\n");
-        return 0;
-      case 'f':
-        format = optarg;
-        break;
-      case 'o':
-        option_strings.emplace_back(optarg);
-        break;
-      case 'q':
-        quiet = true;
-        break;
-      case 'b':
-      case 'F':
-      case 'u':
-        return error_exit("Backing files are not supported for raw images");
-      default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
-    }
-  }
-  if (optind >= argc) {
-    return error_exit("Expecting image file name");
-  }
-  std::string filename = argv[optind++];
-  if (format != "raw") {
-    report("Formatting '" + format + "' images is not supported by strata img yet");
-    return 1;
-  }
-  std::optional<uint64_t> size;
-  std::string preallocation = "off";
-  bool preallocation_given = false;
-  for (const auto& text : option_strings) {
-    size_t start = 0;
-    while (start <= text.size()) {
-      size_t end = text.find(',', start);
-      if (end == std::string::npos) {
-        end = text.size();
-      }
-      std::string item = text.substr(start, end - start);
-      start = end + 1;
-      if (item.empty()) {
-        continue;
-      }
-      size_t eq = item.find('=');
-      std::string key = item.substr(0, eq);
-      std::string value = eq == std::string::npos ? "" : item.substr(eq + 1);
-      if (key == "preallocation") {
-        preallocation = value;
-        preallocation_given = true;
-      } else if (key == "size") {
-        auto parsed = parse_size(value);
-        if (!parsed) {
-          report("Parameter 'size' expects a non-negative number below 2^64");
-          return 1;
-        }
-        size = *parsed;
-      } else {
-        report("Invalid parameter '" + key + "'");
-        return 1;
-      }
-    }
-  }
-  if (optind < argc) {
-    auto parsed = parse_size(argv[optind]);
-    if (!parsed || *parsed > static_cast<uint64_t>(INT64_MAX)) {
-      report(std::string("Invalid image size specified: '") + argv[optind] + "'.");
-      return 1;
-    }
-    size = *parsed;
-    ++optind;
-  }
-  if (optind < argc) {
-    return error_exit(std::string("Unexpected argument: ") + argv[optind]);
-  }
-  if (!size) {
-    report(filename + ": Image creation needs a size parameter");
-    return 1;
-  }
-  if (!quiet) {
-    std::printf("Formatting '%s', fmt=raw size=%" PRIu64 "%s\n", filename.c_str(), *size,
-                preallocation_given ? (" preallocation=" + preallocation).c_str() : "");
-    std::fflush(stdout);
-  }
-  auto created = create_raw_file(filename, *size, preallocation);
-  if (!created) {
-    report(created.error().message());
-    return 1;
-  }
-  return 0;
-}
-
 }  // namespace img
 
 namespace {
@@ -406,7 +302,8 @@ constexpr const char kImgUsage[] =
     "  compare  [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2\n"
     "  convert  [-f FMT] [-O raw] [-n] [-S SIZE] [-p] [-q] [-m N] [-W] [-t CACHE] [-T CACHE]\n"
     "           [-U] [--image-opts] SRC DST\n"
-    "  create   [-f raw] [-o preallocation=off|falloc|full] [-q] FILE [SIZE]\n"
+    "  create   [-f raw|qcow2] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]\n"
+    "  check    [-f FMT] [--output=human|json] [-q] [-U] [--image-opts] FILE\n"
     "\n"
     "See docs/img.md for what is supported.\n";
 
@@ -428,7 +325,7 @@ int img_main(int argc, char** argv) {
   };
   static const Entry kEntries[] = {
       {"info", img::info_main},       {"map", img::map_main},       {"compare", img::compare_main},
-      {"convert", img::convert_main}, {"create", img::create_main},
+      {"convert", img::convert_main}, {"create", img::create_main}, {"check", img::check_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

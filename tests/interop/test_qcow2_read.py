@@ -4,8 +4,9 @@ Each scenario starts both daemons in the same test, adds the same read-only qcow
 compares what they report: query-named-block-nodes (normalised), x-debug-query-block-graph
 edges and permissions, and the lock bytes each process holds on the image.
 
-strata's refusal to open qcow2 read-write (writing is not implemented yet) is tested separately
-and is deliberately NOT a cross-implementation comparison: QSD opens the same image read-write.
+strata's refusal to open qcow2 images it cannot write (extended L2, external data file, internal
+snapshots, persistent bitmaps) read-write is tested separately and is deliberately NOT a
+cross-implementation comparison: QSD opens those images read-write.
 """
 
 import subprocess
@@ -155,16 +156,20 @@ def test_open_errors_same_as_qsd(pair):
 
 
 def test_strata_refuses_read_write_qcow2(pair):
-    """strata only (no comparison): qcow2 writing is not available yet, so a read-write open
-    fails with a clear message, with or without auto-read-only. QSD opens it read-write."""
+    """strata only (no comparison): a plain qcow2 image opens read-write; one with extended L2
+    entries (which strata does not write yet) fails with a precise message, with or without
+    auto-read-only. QSD opens both read-write."""
     workdir = pair.workdir
-    sh(workdir, "qemu-img create -q -f qcow2 img.qcow2 1M")
-    path = workdir + "/img.qcow2"
+    sh(workdir, "qemu-img create -q -f qcow2 img.qcow2 1M && "
+                "qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 1M")
     strata, _ = pair()
-    message = ("qcow2 images can only be opened read-only in this version of strata "
-               "(set read-only=on)")
+    args = qcow2_args("plain", workdir + "/img.qcow2")
+    args["read-only"] = False
+    assert strata.qmp.cmd_args("blockdev-add", args) == {"return": {}}
+    message = ("qcow2 images with extended L2 entries can only be opened read-only in this "
+               "version of strata (set read-only=on)")
     for extra in ({}, {"auto-read-only": True}):
-        args = qcow2_args("disk", path, **extra)
+        args = qcow2_args("disk", workdir + "/ext.qcow2", **extra)
         args["read-only"] = False
         assert strata.qmp.cmd_args("blockdev-add", args) == {
             "error": {"class": "GenericError", "desc": message}}

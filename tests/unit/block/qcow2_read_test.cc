@@ -368,13 +368,17 @@ TEST_F(Qcow2ReadTest, DirtyAndCorruptImagesOpenReadOnly) {
   EXPECT_EQ(read_all(*corrupt).substr(0, 4096), std::string(4096, '\x6b'));
 }
 
-TEST_F(Qcow2ReadTest, ReadWriteOpenIsRefused) {
-  ASSERT_EQ(run_in(dir(), "qemu-img create -q -f qcow2 img.qcow2 1M"), 0);
-  const std::string expected =
-      "qcow2 images can only be opened read-only in this version of strata (set read-only=on)";
-  EXPECT_EQ(open_error(dir() + "/img.qcow2", {{"read-only", false}}), expected);
-  EXPECT_EQ(open_error(dir() + "/img.qcow2", {{"read-only", false}, {"auto-read-only", true}}),
-            expected);
+TEST_F(Qcow2ReadTest, ReadWriteOpenNeedsAWritableImage) {
+  // Plain images open read-write now (the writer is tested in qcow2_write_test.cc); an image
+  // with an external data file stays read-only with a precise reason.
+  ASSERT_EQ(run_in(dir(),
+                   "qemu-img create -q -f qcow2 img.qcow2 1M && "
+                   "qemu-img create -q -f qcow2 -o data_file=$PWD/data.raw df.qcow2 1M"),
+            0);
+  EXPECT_EQ(open_error(dir() + "/img.qcow2", {{"read-only", false}}), "");
+  EXPECT_EQ(open_error(dir() + "/df.qcow2", {{"read-only", false}}),
+            "qcow2 images with an external data file can only be opened read-only in this "
+            "version of strata (set read-only=on)");
 }
 
 TEST_F(Qcow2ReadTest, BackingOptions) {

@@ -52,6 +52,21 @@ class ClusterMap {
   aio::Task<Result<Mapping>> map(Node& file, uint64_t offset, uint64_t bytes);
 
   const std::vector<uint64_t>& l1() const { return l1_; }
+  // ---- writer support (the caller holds the node's exclusive lock) ----
+  // The in-memory L1 entry (0 past the entries read from the file).
+  uint64_t l1_entry(uint64_t index) const { return index < l1_.size() ? l1_[index] : 0; }
+  // Records an L1 entry the caller has written to the file.
+  void set_l1_entry(uint64_t index, uint64_t entry) {
+    if (index >= l1_.size()) {
+      l1_.resize(index + 1, 0);
+    }
+    l1_[index] = entry;
+  }
+  // L2 entries per cache slice, and the slice of the L2 table at `l2_offset` holding `l2_index`.
+  uint32_t slice_entries() const { return slice_entries_; }
+  uint64_t slice_offset(uint64_t l2_offset, uint64_t l2_index) const {
+    return l2_offset + (l2_index - l2_index % slice_entries_) * 8;
+  }
   L2Cache& l2_cache() { return cache_; }
   uint64_t l1_size() const { return l1_size_; }
 

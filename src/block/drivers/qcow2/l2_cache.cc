@@ -25,12 +25,17 @@ aio::Task<Result<L2Slice>> L2Cache::get(Node& file, uint64_t slice_offset) {
   for (size_t i = 0; i < words->size(); ++i) {
     (*words)[i] = load_be64(raw.data() + i * 8);
   }
-  L2Slice slice = std::move(words);
-  insert(slice_offset, slice);
-  co_return slice;
+  insert(slice_offset, words);
+  co_return L2Slice(std::move(words));
 }
 
-void L2Cache::insert(uint64_t slice_offset, L2Slice slice) {
+void L2Cache::update(uint64_t slice_offset, uint32_t index, uint64_t value) {
+  if (auto it = index_.find(slice_offset); it != index_.end()) {
+    (*it->second->second)[index] = value;
+  }
+}
+
+void L2Cache::insert(uint64_t slice_offset, MutableSlice slice) {
   if (auto it = index_.find(slice_offset); it != index_.end()) {
     it->second->second = std::move(slice);
     lru_.splice(lru_.begin(), lru_, it->second);

@@ -1,7 +1,8 @@
 #pragma once
 // The L2 table cache: least-recently-used slices of L2 tables (QEMU's Qcow2Cache with
 // l2-cache-entry-size slices). A slice is `slice_bytes` of one table, kept as host-endian 64-bit
-// words. Read-only for now: slices are never dirty.
+// words. Slices are never dirty: the writer stores L2 entries in the file first and then calls
+// update() so that the cached copy matches the file.
 //
 // Concurrency: runs on the node's home loop. Two requests missing the same slice may both read
 // it; the later insert replaces the earlier one (identical contents), and callers hold their
@@ -31,6 +32,10 @@ class L2Cache {
   aio::Task<Result<L2Slice>> get(Node& file, uint64_t slice_offset);
   // Drops every slice (inactivation, tests).
   void clear();
+  // Sets word `index` of the cached slice at `slice_offset`, if it is cached. Readers holding the
+  // slice see the new value (the caller holds the node's exclusive lock, so none is in the middle
+  // of a lookup).
+  void update(uint64_t slice_offset, uint32_t index, uint64_t value);
 
   uint64_t capacity() const { return capacity_; }
   uint32_t slice_bytes() const { return slice_bytes_; }
@@ -39,13 +44,14 @@ class L2Cache {
   size_t cached() const { return index_.size(); }
 
  private:
-  void insert(uint64_t slice_offset, L2Slice slice);
+  using MutableSlice = std::shared_ptr<std::vector<uint64_t>>;
+  void insert(uint64_t slice_offset, MutableSlice slice);
 
   uint64_t capacity_;
   uint32_t slice_bytes_;
   // Most recently used first.
-  std::list<std::pair<uint64_t, L2Slice>> lru_;
-  std::unordered_map<uint64_t, std::list<std::pair<uint64_t, L2Slice>>::iterator> index_;
+  std::list<std::pair<uint64_t, MutableSlice>> lru_;
+  std::unordered_map<uint64_t, std::list<std::pair<uint64_t, MutableSlice>>::iterator> index_;
   uint64_t hits_ = 0;
   uint64_t misses_ = 0;
 };

@@ -20,4 +20,16 @@ aio::Task<Result<void>> read_zero_padded(Node& node, uint64_t offset, IoVector q
   co_return read;
 }
 
+aio::Task<Result<void>> write_growing(Node& node, uint64_t offset, IoVector qiov, uint32_t flags) {
+  const uint64_t end = offset + qiov.size();
+  if (end > node.length()) {
+    Result<void> grown = co_await io::truncate(node, end, false);
+    if (!grown) {
+      co_return grown;
+    }
+  }
+  Result<void> written = co_await io::pwritev(node, offset, qiov, flags);
+  co_return written;
+}
+
 }  // namespace strata::block::qcow2

@@ -16,4 +16,10 @@ namespace strata::block::qcow2 {
 // Reads qiov.size() bytes of `node` at `offset`; the part at or past node.length() is zeroed.
 aio::Task<Result<void>> read_zero_padded(Node& node, uint64_t offset, IoVector qiov);
 
+// Writes qiov.size() bytes of `node` at `offset`, first growing the node (io::truncate) when the
+// write ends past its end: the request layer refuses writes beyond a node's length, while qcow2
+// appends clusters at the end of its file.
+aio::Task<Result<void>> write_growing(Node& node, uint64_t offset, IoVector qiov,
+                                      uint32_t flags = 0);
+
 }  // namespace strata::block::qcow2

@@ -45,6 +45,8 @@ class OpenReader {
     }
     return OpenReader(std::move(loop).value());
   }
+  // Runs `task` to completion on the private loop.
+  Result<void> run(aio::Task<Result<void>> task) { return loop_->block_on(std::move(task)); }
   // `length` bytes at `offset`, zeroes past the end of `node`.
   Result<std::vector<uint8_t>> read(Node& node, uint64_t offset, size_t length) {
     std::vector<uint8_t> buffer(length);
@@ -233,12 +235,6 @@ Qcow2Node::~Qcow2Node() = default;
 Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
                                               const BlockdevOptions& options) {
   const auto& qcow2 = static_cast<const Qcow2Options&>(*options.driver_options);
-  if (!context.options().read_only) {
-    return Error(ErrorKind::kUnsupported,
-                 "qcow2 images can only be opened read-only in this version of strata "
-                 "(set read-only=on)",
-                 ENOTSUP);
-  }
   auto node = std::make_shared<Qcow2Node>(context.options());
   auto file = context.attach(*node, qcow2.file, "file", kRoleImage);
   if (!file) {
@@ -396,6 +392,12 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
 
   map_ = std::make_unique<ClusterMap>(header_, std::move(l1), data_file_ != nullptr,
                                       caches->l2_slices, caches->l2_slice_bytes);
+  pass_discard_request_ = options.pass_discard_request.value_or(true);
+  if (!context.options().read_only) {
+    return prepare_writes(*extensions, caches->refcount_blocks, [&](aio::Task<Result<void>> task) {
+      return reader->run(std::move(task));
+    });
+  }
   return ok();
 }
 
@@ -437,6 +439,12 @@ Result<void> Qcow2Node::open_backing(OpenContext& context, const Qcow2Options& o
 
 aio::Task<Result<void>> Qcow2Node::co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
                                              uint32_t) {
+  auto shared = co_await lock_.scoped_read_lock();
+  Result<void> read = co_await read_unlocked(offset, bytes, qiov);
+  co_return read;
+}
+
+aio::Task<Result<void>> Qcow2Node::read_unlocked(uint64_t offset, uint64_t bytes, IoVector qiov) {
   uint64_t done = 0;
   while (done < bytes) {
     Result<Mapping> mapped = co_await map_->map(file(), offset + done, bytes - done);
@@ -570,6 +578,7 @@ aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint6
     }
     metadata_preallocation_ = *detected;
   }
+  auto shared = co_await lock_.scoped_read_lock();
   Result<Mapping> mapped = co_await map_->map(file(), offset, bytes);
   if (!mapped) {
     co_return std::move(mapped).error();
@@ -607,24 +616,8 @@ aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint6
   co_return status;
 }
 
-namespace {
-Error read_only_error() {
-  return Error(ErrorKind::kUnsupported,
-               "qcow2 images can only be opened read-only in this version of strata", EROFS);
-}
-}  // namespace
-
-aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t, uint64_t, IoVector, uint32_t) {
-  co_return read_only_error();
-}
-aio::Task<Result<void>> Qcow2Node::co_pdiscard(uint64_t, uint64_t) {
-  co_return read_only_error();
-}
-aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t, uint64_t, uint32_t) {
-  co_return read_only_error();
-}
 aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
-  co_return read_only_error();
+  co_return Error(ErrorKind::kUnsupported, "strata cannot resize qcow2 images yet", ENOTSUP);
 }
 
 Result<void> Qcow2Node::on_inactivate() {

@@ -1,20 +1,37 @@
 #pragma once
-// The qcow2 format driver, read-only for now: opens every image QEMU 10 writes (versions 2 and 3,
-// 512 B to 2 MiB clusters, extended L2, compressed zlib/zstd clusters, zero clusters, external
-// data files, backing chains) and serves reads and block status. Opening read-write fails until
-// the writer lands.
+// The qcow2 format driver: opens every image QEMU 10 writes (versions 2 and 3, 512 B to 2 MiB
+// clusters, extended L2, compressed zlib/zstd clusters, zero clusters, external data files,
+// backing chains) and serves reads and block status. Read-write (write.cc) covers images without
+// extended L2, external data file, internal snapshots or persistent bitmaps; the others open
+// read-only only.
+//
+// Writes (write.cc): metadata is written through (L2 entries, L1 entries and refcounts reach the
+// file when they change; the caches only save reads), in the order that leaves a crashed image
+// with at worst leaked clusters: refcount increments and data, then a flush, then the L2/L1 entry
+// that publishes them; an L2 entry is cleared (and flushed) before a refcount drops. Refcounts
+// are always exact (lazy-refcounts is accepted and never used), so the dirty bit is never set.
+//
+// Locking: lock_ guards the metadata. Reads, block status and writes that only overwrite
+// clusters in place (allocated, refcount 1: OFLAG_COPIED) hold it shared for their whole
+// duration, data I/O included; anything that allocates or frees clusters or changes L1/L2/refcount
+// entries holds it exclusively, data and COW I/O included. So overlapping allocating writes never
+// race (the second one sees the first's L2 entries), a cluster is never freed or reused while a
+// read or an in-place write still uses it, and COW ranges need no request-level serialisation.
 //
 // Roles: `file` is kRoleImage (kRoleMetadata | kRolePrimary with an external data file, which is
 // the kRoleData `data-file` child); `backing` is kRoleCow.
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "aio/sync.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/qcow2/cluster_map.h"
 #include "block/drivers/qcow2/header.h"
+#include "block/drivers/qcow2/refcount.h"
 
 namespace strata::block::qcow2 {
 
@@ -103,6 +120,55 @@ class Qcow2Node final : public Node {
   // than the file has allocated, i.e. data clusters were preallocated as holes, so block status
   // must ask the file whether a data cluster reads as zeroes.
   aio::Task<Result<bool>> detect_metadata_preallocation();
+
+  // ---- writing (write.cc) ----
+  // Where guest cluster `guest_cluster` is described: its L1 index, its L2 table (0: none) and
+  // entry (0 when there is no table).
+  struct L2Ref {
+    uint64_t l1_index = 0;
+    uint64_t l2_offset = 0;
+    uint64_t l2_index = 0;
+    uint64_t entry = 0;
+  };
+  // Read-write open: refuses what the writer does not support, loads the refcount table and
+  // clears unknown autoclear bits. `run` executes a task to completion (open is synchronous).
+  Result<void> prepare_writes(const Extensions& extensions, uint64_t refcount_cache_blocks,
+                              const std::function<Result<void>(aio::Task<Result<void>>)>& run);
+  aio::Task<Result<void>> load_refcounts(uint64_t cache_blocks);
+  aio::Task<Result<void>> clear_autoclear_bits();
+  aio::Task<Result<L2Ref>> l2_ref(uint64_t guest_cluster);
+  // Reads guest data without taking lock_ (the caller holds it).
+  aio::Task<Result<void>> read_unlocked(uint64_t offset, uint64_t bytes, IoVector qiov);
+  // Guest bytes for COW: the part past length() reads as zeroes.
+  aio::Task<Result<void>> read_for_cow(uint64_t offset, std::vector<uint8_t>& buffer);
+  // Writes the whole range in place if every cluster is allocated with OFLAG_COPIED; false (and
+  // nothing written) otherwise. Shared lock.
+  aio::Task<Result<bool>> write_in_place(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                         uint32_t flags);
+  // Exclusive lock: writes the range, allocating clusters where needed.
+  aio::Task<Result<void>> write_allocating(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                           uint32_t flags);
+  // Allocates `old_entries.size()` new clusters for the guest clusters starting at the one
+  // holding `offset` (all in one L2 table, the first described by `first`), fills them with COW
+  // data and `data` (`bytes` at `offset`), publishes them in L2 and frees what they replace.
+  aio::Task<Result<void>> allocate_run(const L2Ref& first, uint64_t offset, uint64_t bytes,
+                                       IoVector data, const std::vector<uint64_t>& old_entries);
+  // Writes `count` L2 entries starting at `l2_index` of the table at `l2_offset` and updates the
+  // cache.
+  aio::Task<Result<void>> write_l2_entries(uint64_t l2_offset, uint64_t l2_index,
+                                           const std::vector<uint64_t>& entries);
+  aio::Task<Result<void>> write_l1_entry(uint64_t l1_index, uint64_t entry);
+  // Drops the references an old L2 entry held (compressed bytes or a host cluster). The caller
+  // has cleared or replaced the entry on disk and flushed.
+  aio::Task<Result<void>> release_entry(uint64_t entry);
+  static bool needs_release(uint64_t entry);
+  // Discard (`zero` false) or write-zeroes of whole clusters [offset, offset + bytes).
+  aio::Task<Result<void>> zero_or_discard_clusters(uint64_t offset, uint64_t bytes, bool discard,
+                                                   bool unmap);
+
+  aio::CoRwLock lock_;
+  std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
+  bool pass_discard_request_ = true;
 
   Header header_;
   std::optional<bool> metadata_preallocation_;

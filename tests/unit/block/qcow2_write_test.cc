@@ -1,0 +1,559 @@
+// The qcow2 writer against QEMU's own tools: images made by `qemu-img create`, written through
+// strata's request layer, must pass `qemu-img check` (exit 0: no leaks, no corruption) and read
+// back (`qemu-img compare`) exactly like a raw file that received the same writes. A file layer
+// that drops every write after the k-th stands for a crash: the persisted image may leak clusters
+// (check exits 3) but must never be corrupt (exit 2). Skipped when qemu-img is not installed.
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "aio/event_loop.h"
+#include "aio/task_group.h"
+#include "block/drivers/qcow2/qcow2_node.h"
+#include "block/io/request.h"
+#include "graph_test_util.h"
+
+namespace strata::block {
+namespace {
+
+using testing::error_of;
+using testing::open_node;
+using testing::TempDir;
+using testing::TestUser;
+
+bool have_qemu_img() {
+  static const bool have = std::system("qemu-img --version >/dev/null 2>&1") == 0;
+  return have;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// A crash stand-in: forwards everything to its child, but after `limit` writes have gone through
+// it acknowledges writes and flushes without doing them.
+class DropAfterNode final : public Node {
+ public:
+  DropAfterNode(std::string name, uint64_t limit) : Node(options(std::move(name))), limit_(limit) {}
+  const char* driver_name() const override { return "drop-after"; }
+  bool is_filter() const override { return true; }
+  uint64_t length() const override { return inner().length(); }
+  aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                    uint32_t flags) override {
+    (void)bytes;
+    Result<void> read = co_await io::preadv(inner(), offset, qiov, flags);
+    co_return read;
+  }
+  aio::Task<Result<void>> co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                     uint32_t flags) override {
+    (void)bytes;
+    if (writes_++ >= limit_) {
+      co_return ok();
+    }
+    Result<void> written = co_await io::pwritev(inner(), offset, qiov, flags & kRequestFua);
+    co_return written;
+  }
+  aio::Task<Result<void>> co_flush() override { co_return ok(); }
+  aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact) override {
+    Result<void> done = co_await io::truncate(inner(), new_size, exact);
+    co_return done;
+  }
+  uint64_t writes() const { return writes_; }
+
+ private:
+  static CommonOptions options(std::string name) {
+    CommonOptions common;
+    common.node_name = std::move(name);
+    return common;
+  }
+  Node& inner() const { return *child("file")->node(); }
+  uint64_t limit_;
+  uint64_t writes_ = 0;
+};
+
+struct Write {
+  uint64_t offset;
+  std::vector<uint8_t> data;
+};
+
+// Random writes of 512 bytes to 3 clusters at unaligned offsets; about a third rewrite a range an
+// earlier write touched.
+std::vector<Write> random_workload(uint32_t seed, uint64_t disk_size, uint64_t cluster_size,
+                                   size_t count) {
+  std::mt19937_64 rng(seed);
+  std::vector<Write> writes;
+  const uint64_t max_bytes = std::min<uint64_t>(3 * cluster_size, disk_size / 2);
+  for (size_t i = 0; i < count; ++i) {
+    Write w;
+    const uint64_t bytes = 512 + rng() % (max_bytes - 511);
+    if (!writes.empty() && rng() % 3 == 0) {
+      const Write& earlier = writes[rng() % writes.size()];
+      w.offset = std::min(earlier.offset + rng() % 1024, disk_size - bytes);
+    } else {
+      w.offset = rng() % (disk_size - bytes + 1);
+    }
+    w.data.resize(bytes);
+    const auto fill = static_cast<uint8_t>(rng());
+    for (size_t b = 0; b < bytes; ++b) {
+      w.data[b] = static_cast<uint8_t>(fill + b / 512 + (b % 7 == 0 ? b : 0));
+    }
+    writes.push_back(std::move(w));
+  }
+  return writes;
+}
+
+class Qcow2WriteTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_qemu_img()) {
+      GTEST_SKIP() << "qemu-img not installed";
+    }
+    ASSERT_TRUE(dir_.ok());
+    auto loop = aio::EventLoop::create();
+    ASSERT_TRUE(loop) << loop.error().message();
+    loop_ = std::move(loop).value();
+    dir_path_ = dir_.file("probe", 0);
+    dir_path_ = dir_path_.substr(0, dir_path_.rfind('/'));
+  }
+
+  // Runs `command` in the test directory; returns its exit status, output in `output`.
+  int sh(const std::string& command, std::string* output = nullptr) {
+    const std::string log = dir_path_ + "/sh.log";
+    const int status =
+        std::system(("cd '" + dir_path_ + "' && (" + command + ") >'" + log + "' 2>&1").c_str());
+    if (output != nullptr) {
+      *output = slurp(log);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+  template <typename T>
+  T run(aio::Task<T> task) {
+    return loop_->block_on(std::move(task));
+  }
+
+  // Opens `image` read-write (through node `file` when given) and attaches a writing root.
+  std::shared_ptr<Node> open_rw(const std::string& image, nlohmann::json extra = {},
+                                const std::string& file_node = "") {
+    nlohmann::json options = {
+        {"driver", "qcow2"}, {"node-name", "q" + std::to_string(++counter_)}, {"read-only", false}};
+    if (file_node.empty()) {
+      options["file"] = {{"driver", "file"}, {"filename", dir_path_ + "/" + image}};
+    } else {
+      options["file"] = file_node;
+    }
+    if (extra.is_object()) {
+      options.update(extra);
+    }
+    auto node = open_node(graph_, options);
+    if (!node) {
+      ADD_FAILURE() << "opening " << image << ": " << node.error().message();
+      return nullptr;
+    }
+    auto root = graph_.attach_root(user_, *node, "root", kRoleImage,
+                                   kPermConsistentRead | kPermWrite, kPermAll);
+    if (!root) {
+      ADD_FAILURE() << root.error().message();
+      return nullptr;
+    }
+    root_ = std::move(root).value();
+    return std::move(node).value();
+  }
+
+  void close(std::shared_ptr<Node>& node) {
+    if (node) {
+      Result<void> flushed = run(io::flush(*node));
+      EXPECT_TRUE(flushed) << error_of(flushed);
+    }
+    if (root_) {
+      graph_.detach_root(std::move(root_));
+    }
+    node.reset();
+  }
+
+  // Applies `writes` to `node` one after the other (stops at the first error, which it reports
+  // unless `expect_ok` is false).
+  void apply(Node& node, const std::vector<Write>& writes) {
+    for (const Write& w : writes) {
+      Result<void> done = run(io::pwrite(node, w.offset, w.data.data(), w.data.size()));
+      ASSERT_TRUE(done) << "write at " << w.offset << "+" << w.data.size() << ": "
+                        << error_of(done);
+    }
+  }
+
+  static void apply(std::string& reference, const std::vector<Write>& writes) {
+    for (const Write& w : writes) {
+      std::copy(w.data.begin(), w.data.end(), reference.begin() + static_cast<ptrdiff_t>(w.offset));
+    }
+  }
+
+  void write_file(const std::string& name, const std::string& contents) {
+    std::ofstream out(dir_path_ + "/" + name, std::ios::binary | std::ios::trunc);
+    out.write(contents.data(), static_cast<std::streamsize>(contents.size()));
+  }
+
+  // qemu-img check's exit status (0 clean, 2 corrupt, 3 leaks).
+  int check(const std::string& image, std::string* output = nullptr) {
+    return sh("qemu-img check -f qcow2 '" + image + "'", output);
+  }
+
+  void expect_clean_and_equal(const std::string& image, const std::string& reference) {
+    std::string output;
+    EXPECT_EQ(check(image, &output), 0) << output;
+    write_file("reference.raw", reference);
+    EXPECT_EQ(sh("qemu-img compare -f qcow2 -F raw '" + image + "' reference.raw", &output), 0)
+        << output;
+  }
+
+  // refcount_table_clusters from the image header (qcow2.rst: bytes 56-59).
+  uint32_t refcount_table_clusters(const std::string& image) {
+    const std::string head = slurp(dir_path_ + "/" + image).substr(0, 64);
+    return (uint32_t{static_cast<uint8_t>(head[56])} << 24) |
+           (uint32_t{static_cast<uint8_t>(head[57])} << 16) |
+           (uint32_t{static_cast<uint8_t>(head[58])} << 8) |
+           uint32_t{static_cast<uint8_t>(head[59])};
+  }
+
+  TempDir dir_;
+  std::string dir_path_;
+  std::unique_ptr<aio::EventLoop> loop_;
+  Graph graph_;
+  TestUser user_{"block device 'test'"};
+  std::unique_ptr<Child> root_;
+  int counter_ = 0;
+};
+
+struct RandomCase {
+  uint32_t cluster_size;
+  uint32_t refcount_bits;
+  bool backing;
+  uint64_t disk_size;
+  size_t writes;
+};
+
+class Qcow2RandomWriteTest : public Qcow2WriteTest,
+                             public ::testing::WithParamInterface<RandomCase> {};
+
+TEST_P(Qcow2RandomWriteTest, CheckCleanAndContentsMatchRawReference) {
+  const RandomCase c = GetParam();
+  std::string reference(c.disk_size, '\0');
+  std::string create =
+      "qemu-img create -q -f qcow2 -o cluster_size=" + std::to_string(c.cluster_size) +
+      ",refcount_bits=" + std::to_string(c.refcount_bits);
+  if (c.backing) {
+    std::mt19937_64 rng(c.cluster_size + c.refcount_bits);
+    for (size_t i = 0; i < reference.size(); i += 512) {
+      std::fill_n(reference.begin() + static_cast<ptrdiff_t>(i), 512, static_cast<char>(rng()));
+    }
+    write_file("base.raw", reference);
+    create += " -b base.raw -F raw";
+  }
+  ASSERT_EQ(sh(create + " img.qcow2 " + std::to_string(c.disk_size)), 0);
+  const auto writes =
+      random_workload(c.cluster_size ^ c.refcount_bits, c.disk_size, c.cluster_size, c.writes);
+  auto node = open_rw("img.qcow2");
+  ASSERT_NE(node, nullptr);
+  // Half the writes, close, reopen, the rest: the second open reads what the first wrote.
+  const std::vector<Write> first(writes.begin(),
+                                 writes.begin() + static_cast<ptrdiff_t>(writes.size() / 2));
+  const std::vector<Write> second(writes.begin() + static_cast<ptrdiff_t>(writes.size() / 2),
+                                  writes.end());
+  apply(*node, first);
+  close(node);
+  node = open_rw("img.qcow2");
+  ASSERT_NE(node, nullptr);
+  apply(*node, second);
+  apply(reference, writes);
+  // strata reads back what it wrote.
+  std::string actual(c.disk_size, '\0');
+  Result<void> read = run(io::pread(*node, 0, actual.data(), actual.size()));
+  ASSERT_TRUE(read) << error_of(read);
+  EXPECT_TRUE(actual == reference) << "strata reads back different data";
+  close(node);
+  expect_clean_and_equal("img.qcow2", reference);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Geometries, Qcow2RandomWriteTest,
+    ::testing::Values(
+        RandomCase{512, 16, false, 2 << 20, 300}, RandomCase{512, 1, true, 2 << 20, 300},
+        RandomCase{512, 64, false, 2 << 20, 300}, RandomCase{4096, 16, true, 8 << 20, 300},
+        RandomCase{4096, 1, false, 8 << 20, 200}, RandomCase{4096, 64, true, 8 << 20, 200},
+        RandomCase{65536, 16, false, 32 << 20, 150}, RandomCase{65536, 64, true, 32 << 20, 100},
+        RandomCase{65536, 1, false, 32 << 20, 100}, RandomCase{2 << 20, 16, true, 64 << 20, 30},
+        RandomCase{2 << 20, 1, false, 64 << 20, 30}, RandomCase{2 << 20, 64, false, 64 << 20, 30}),
+    [](const ::testing::TestParamInfo<RandomCase>& info) {
+      const RandomCase& c = info.param;
+      return "cluster" + std::to_string(c.cluster_size) + "_refcount" +
+             std::to_string(c.refcount_bits) + (c.backing ? "_backing" : "");
+    });
+
+// 64 MiB written with 512-byte clusters: the refcount table (one cluster, 64 entries of 256
+// clusters each with 16-bit refcounts: 8 MiB) has to grow several times.
+TEST_F(Qcow2WriteTest, RefcountTableGrowsForLargeWrites) {
+  const uint64_t disk_size = 128ull << 20;
+  ASSERT_EQ(
+      sh("qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 " + std::to_string(disk_size)),
+      0);
+  std::string reference(disk_size, '\0');
+  std::vector<Write> writes;
+  std::mt19937_64 rng(7);
+  for (uint64_t i = 0; i < 64; ++i) {
+    Write w;
+    w.offset = (disk_size / 64) * i + (rng() % 4096);
+    w.data.assign(1 << 20, static_cast<uint8_t>(i + 1));
+    writes.push_back(std::move(w));
+  }
+  auto node = open_rw("img.qcow2");
+  ASSERT_NE(node, nullptr);
+  apply(*node, writes);
+  apply(reference, writes);
+  close(node);
+  expect_clean_and_equal("img.qcow2", reference);
+  // The table moved (it started as one cluster) and qemu-img check found it consistent.
+  EXPECT_GT(refcount_table_clusters("img.qcow2"), 1u);
+}
+
+// Overwrites of compressed and zero clusters allocate new clusters and free the old ones.
+TEST_F(Qcow2WriteTest, OverwritesCompressedAndZeroClusters) {
+  ASSERT_EQ(sh("qemu-img create -q -f qcow2 -o cluster_size=4096 src.qcow2 1M && "
+               "qemu-io -f qcow2 -c 'write -P 0x11 0 256k' -c 'write -z 256k 64k' src.qcow2 && "
+               "qemu-img convert -c -O qcow2 -o cluster_size=4096 src.qcow2 img.qcow2 && "
+               "qemu-io -f qcow2 -c 'write -z 64k 8k' -c 'write -P 0x22 512k 16k' "
+               "-c 'write -z 512k 4k' img.qcow2"),
+            0);
+  std::string reference(1 << 20, '\0');
+  std::fill_n(reference.begin(), 256 << 10, '\x11');
+  std::fill_n(reference.begin() + (64 << 10), 8 << 10, '\0');
+  std::fill_n(reference.begin() + (512 << 10) + 4096, 12 << 10, '\x22');
+  std::vector<Write> writes;
+  for (uint64_t at : {uint64_t{1000}, uint64_t{64 << 10} + 100, uint64_t{(512 << 10) + 10},
+                      uint64_t{(256 << 10) + 3000}}) {
+    writes.push_back(Write{at, std::vector<uint8_t>(6000, 0x5a)});
+  }
+  auto node = open_rw("img.qcow2");
+  ASSERT_NE(node, nullptr);
+  apply(*node, writes);
+  apply(reference, writes);
+  close(node);
+  expect_clean_and_equal("img.qcow2", reference);
+}
+
+// Write-zeroes of whole clusters sets zero flags (with and without unmap), discard drops clusters;
+// check stays clean and the contents match.
+TEST_F(Qcow2WriteTest, WriteZeroesAndDiscard) {
+  ASSERT_EQ(sh("qemu-img create -q -f qcow2 -o cluster_size=4096 img.qcow2 1M"), 0);
+  std::string reference(1 << 20, '\0');
+  std::vector<Write> writes{Write{0, std::vector<uint8_t>(256 << 10, 0x33)}};
+  auto node = open_rw("img.qcow2", {{"discard", "unmap"}});
+  ASSERT_NE(node, nullptr);
+  apply(*node, writes);
+  apply(reference, writes);
+  Result<void> zeroed = run(io::pwrite_zeroes(*node, 8192, 16384, 0));
+  ASSERT_TRUE(zeroed) << error_of(zeroed);
+  zeroed = run(io::pwrite_zeroes(*node, 65536, 16384, kRequestMayUnmap));
+  ASSERT_TRUE(zeroed) << error_of(zeroed);
+  zeroed = run(io::pwrite_zeroes(*node, 100000, 3000, 0));  // partial: zero buffers
+  ASSERT_TRUE(zeroed) << error_of(zeroed);
+  Result<void> discarded = run(io::pdiscard(*node, 131072, 65536));
+  ASSERT_TRUE(discarded) << error_of(discarded);
+  for (auto [at, n] : {std::pair<uint64_t, uint64_t>{8192, 16384},
+                       {65536, 16384},
+                       {100000, 3000},
+                       {131072, 65536}}) {
+    std::fill_n(reference.begin() + static_cast<ptrdiff_t>(at), n, '\0');
+  }
+  // Rewrite part of the zeroed, kept cluster and of the discarded range.
+  std::vector<Write> more{Write{8192 + 100, std::vector<uint8_t>(300, 0x44)},
+                          Write{131072 + 5000, std::vector<uint8_t>(300, 0x55)}};
+  apply(*node, more);
+  apply(reference, more);
+  close(node);
+  expect_clean_and_equal("img.qcow2", reference);
+}
+
+// T3.1 of reliability.md: drop every write after the k-th; the image must never be corrupt.
+TEST_F(Qcow2WriteTest, CrashAfterAnyWriteLeavesNoCorruption) {
+  // 512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters and the initial
+  // table 4096 clusters (2 MiB), so the workload also grows the refcount table.
+  const uint64_t disk_size = 8 << 20;
+  std::mt19937_64 rng(31);
+  std::string base(disk_size, '\0');
+  for (size_t i = 0; i < base.size(); i += 512) {
+    std::fill_n(base.begin() + static_cast<ptrdiff_t>(i), 512, static_cast<char>(rng()));
+  }
+  write_file("base.raw", base);
+  auto workload = random_workload(99, disk_size, 512 * 8, 120);
+  for (uint64_t i = 0; i < 8; ++i) {
+    workload.push_back(Write{(1 << 20) * i + 777, std::vector<uint8_t>(300 << 10, 0x77)});
+  }
+  const std::string create =
+      "rm -f img.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 "
+      "-b '" +
+      dir_path_ + "/base.raw' -F raw img.qcow2 " + std::to_string(disk_size);
+
+  auto run_with_limit = [&](uint64_t limit) -> uint64_t {
+    EXPECT_EQ(sh(create), 0);
+    auto file = open_node(graph_, {{"driver", "file"},
+                                   {"node-name", "real" + std::to_string(++counter_)},
+                                   {"filename", dir_path_ + "/img.qcow2"}});
+    EXPECT_TRUE(file) << error_of(file);
+    if (!file) {
+      return 0;
+    }
+    const std::string drop_name = "drop" + std::to_string(counter_);
+    auto drop = std::make_shared<DropAfterNode>(drop_name, limit);
+    EXPECT_TRUE(graph_.register_node(*drop));
+    graph_.add_monitor_ref(drop);
+    auto attached = graph_.attach_child(*drop, *file, "file", kRoleFiltered | kRolePrimary);
+    EXPECT_TRUE(attached) << error_of(attached);
+    auto node = open_rw("img.qcow2", {}, drop_name);
+    uint64_t writes = 0;
+    if (node) {
+      for (const Write& w : workload) {
+        Result<void> done = run(io::pwrite(*node, w.offset, w.data.data(), w.data.size()));
+        EXPECT_TRUE(done) << error_of(done);
+      }
+      close(node);
+    }
+    writes = drop->writes();
+    graph_.remove_monitor_ref(*drop);
+    drop.reset();
+    file->reset();
+    return writes;
+  };
+
+  const uint64_t total = run_with_limit(UINT64_MAX);
+  std::string output;
+  ASSERT_EQ(check("img.qcow2", &output), 0) << output;
+  ASSERT_GT(total, 100u);
+  ASSERT_GT(refcount_table_clusters("img.qcow2"), 1u) << "the workload must grow the table";
+  std::vector<uint64_t> limits{0, 1, 2, 3, 5, 8, 13, total - 1, total};
+  std::mt19937_64 pick(5);
+  for (int i = 0; i < 40; ++i) {
+    limits.push_back(pick() % total);
+  }
+  int leaks = 0;
+  for (uint64_t limit : limits) {
+    run_with_limit(limit);
+    const int status = check("img.qcow2", &output);
+    EXPECT_TRUE(status == 0 || status == 3)
+        << "after " << limit << " of " << total << " writes: exit " << status << "\n"
+        << output;
+    leaks += status == 3 ? 1 : 0;
+  }
+  RecordProperty("crash_points", static_cast<int>(limits.size()));
+  RecordProperty("crash_points_with_leaks", leaks);
+}
+
+// 32 writers at once: half on their own ranges, half on one shared range.
+aio::Task<void> write_task(Node& node, uint64_t offset, std::vector<uint8_t>* data,
+                           Result<void>* result) {
+  *result = co_await io::pwrite(node, offset, data->data(), data->size());
+}
+
+aio::Task<void> concurrent_body(Node& node, std::vector<Write>& writes,
+                                std::vector<Result<void>>& results) {
+  aio::TaskGroup group;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    group.spawn(write_task(node, writes[i].offset, &writes[i].data, &results[i]));
+  }
+  co_await group.wait();
+}
+
+TEST_F(Qcow2WriteTest, ConcurrentWritersOverlappingAndNot) {
+  const uint64_t disk_size = 16 << 20;
+  const uint64_t cluster = 4096;
+  ASSERT_EQ(sh("qemu-img create -q -f qcow2 -o cluster_size=4096 img.qcow2 16M"), 0);
+  std::mt19937_64 rng(11);
+  std::vector<Write> writes;
+  // 16 writers on disjoint 256 KiB regions (unaligned inside them).
+  for (uint64_t i = 0; i < 16; ++i) {
+    const uint64_t bytes = 512 + rng() % (3 * cluster);
+    writes.push_back(Write{(256 << 10) * i + rng() % 1000,
+                           std::vector<uint8_t>(bytes, static_cast<uint8_t>(i + 1))});
+  }
+  // 16 writers inside [8 MiB, 8 MiB + 64 KiB).
+  const uint64_t shared = 8 << 20;
+  for (uint64_t i = 16; i < 32; ++i) {
+    const uint64_t bytes = 512 * (1 + rng() % 40);
+    const uint64_t at = shared + 512 * (rng() % ((65536 - bytes) / 512 + 1));
+    writes.push_back(Write{at, std::vector<uint8_t>(bytes, static_cast<uint8_t>(i + 1))});
+  }
+  auto node = open_rw("img.qcow2");
+  ASSERT_NE(node, nullptr);
+  std::vector<Result<void>> results(writes.size(), ok());
+  loop_->block_on(concurrent_body(*node, writes, results));
+  for (size_t i = 0; i < results.size(); ++i) {
+    EXPECT_TRUE(results[i]) << "writer " << i << ": " << error_of(results[i]);
+  }
+  close(node);
+  std::string output;
+  EXPECT_EQ(check("img.qcow2", &output), 0) << output;
+  ASSERT_EQ(sh("qemu-img convert -O raw img.qcow2 out.raw"), 0);
+  const std::string actual = slurp(dir_path_ + "/out.raw");
+  ASSERT_EQ(actual.size(), disk_size);
+  std::string disjoint(disk_size, '\0');
+  apply(disjoint, std::vector<Write>(writes.begin(), writes.begin() + 16));
+  EXPECT_TRUE(actual.substr(0, shared) == disjoint.substr(0, shared));
+  EXPECT_TRUE(actual.substr(shared + 65536) == disjoint.substr(shared + 65536));
+  // Each 512-byte block of the shared range holds one writer's data (one that covered it), or
+  // zeroes where none did.
+  for (uint64_t at = shared; at < shared + 65536; at += 512) {
+    const auto value = static_cast<uint8_t>(actual[at]);
+    EXPECT_EQ(actual.substr(at, 512), std::string(512, static_cast<char>(value))) << at;
+    bool allowed = false;
+    bool covered = false;
+    for (size_t i = 16; i < 32; ++i) {
+      if (writes[i].offset <= at && at < writes[i].offset + writes[i].data.size()) {
+        covered = true;
+        allowed = allowed || value == writes[i].data[0];
+      }
+    }
+    EXPECT_TRUE(covered ? allowed : value == 0) << "block at " << at << " holds " << int{value};
+  }
+}
+
+// What stays read-only, with a precise reason.
+TEST_F(Qcow2WriteTest, RefusesReadWriteForUnsupportedImages) {
+  ASSERT_EQ(sh("qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 1M && "
+               "qemu-img create -q -f qcow2 snap.qcow2 1M && qemu-img snapshot -c s1 snap.qcow2 && "
+               "qemu-img create -q -f qcow2 bitmap.qcow2 1M && "
+               "qemu-img bitmap --add bitmap.qcow2 b0"),
+            0);
+  auto error = [&](const std::string& image) {
+    auto node =
+        open_node(graph_, {{"driver", "qcow2"},
+                           {"read-only", false},
+                           {"file", {{"driver", "file"}, {"filename", dir_path_ + "/" + image}}}});
+    return error_of(node);
+  };
+  EXPECT_EQ(error("ext.qcow2"),
+            "qcow2 images with extended L2 entries can only be opened read-only in this version "
+            "of strata (set read-only=on)");
+  EXPECT_EQ(error("snap.qcow2"),
+            "qcow2 images with internal snapshots can only be opened read-only in this version "
+            "of strata (set read-only=on)");
+  EXPECT_EQ(error("bitmap.qcow2"),
+            "qcow2 images with persistent dirty bitmaps can only be opened read-only in this "
+            "version of strata (set read-only=on)");
+  // A dirty image (lazy refcounts, killed writer) is refused, not silently written.
+  ASSERT_EQ(sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on dirty.qcow2 1M && "
+               "(qemu-io -f qcow2 -c 'write 0 512' -c 'sigraise 9' dirty.qcow2 || true)"),
+            0);
+  EXPECT_NE(error("dirty.qcow2").find("qcow2 image is dirty"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace strata::block
