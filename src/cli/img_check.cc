@@ -150,22 +150,13 @@ int check_main(int argc, char** argv) {
     report("Repair (-r " + *repair + ") is not supported by strata img check yet");
     return 1;
   }
-  if (image_opts) {
-    request.image_opts = filename;
-  } else {
-    request.filename = filename;
-  }
-  auto session = BlockSession::create();
-  if (!session) {
-    report(session.error().message());
+  auto image = open_image_or_report(request, filename, image_opts);
+  if (!image) {
     return 1;
   }
-  auto opened = (*session)->open(request);
-  if (!opened) {
-    report("Could not open '" + filename + "': " + opened.error().message());
-    return 1;
-  }
-  block::Node& node = **opened;
+  auto& session = image->session;
+  block::Node* opened_node = image->node;
+  block::Node& node = *opened_node;
   block::Node* file = nullptr;
   if (std::string_view(node.driver_name()) == "qcow2") {
     for (const auto& child : node.children()) {
@@ -178,7 +169,7 @@ int check_main(int argc, char** argv) {
     report("This image format does not support checks");
     return 63;
   }
-  auto checked = (*session)->loop().block_on(block::qcow2::check_image(*file));
+  auto checked = session->loop().block_on(block::qcow2::check_image(*file));
   if (!checked) {
     std::fflush(stdout);
     std::fprintf(stderr, "%s: Check failed: %s\n", kProgram, errno_text(checked.error()).c_str());

@@ -35,6 +35,26 @@ int error_exit(const std::string& message) {
   return 1;
 }
 
+std::optional<OpenedImage> open_image_or_report(ImageOpenRequest request, const std::string& name,
+                                                bool image_opts) {
+  if (image_opts) {
+    request.image_opts = name;
+  } else {
+    request.filename = name;
+  }
+  auto session = BlockSession::create();
+  if (!session) {
+    report(session.error().message());
+    return std::nullopt;
+  }
+  auto opened = (*session)->open(request);
+  if (!opened) {
+    report("Could not open '" + name + "': " + opened.error().message());
+    return std::nullopt;
+  }
+  return OpenedImage{std::move(session).value(), *opened};
+}
+
 aio::Task<Result<ChainStatus>> chain_status(block::Node& top, uint64_t offset, uint64_t bytes) {
   ChainStatus result;
   block::Node* node = &top;
@@ -250,23 +270,13 @@ int info_main(int argc, char** argv) {
     return error_exit("--output must be used with human or json as argument.");
   }
   std::string filename = argv[optind];
-  if (image_opts) {
-    request.image_opts = filename;
-  } else {
-    request.filename = filename;
-  }
-  auto session = BlockSession::create();
-  if (!session) {
-    report(session.error().message());
+  auto image = open_image_or_report(request, filename, image_opts);
+  if (!image) {
     return 1;
   }
-  auto opened = (*session)->open(request);
-  if (!opened) {
-    report("Could not open '" + filename + "': " + opened.error().message());
-    return 1;
-  }
+  block::Node* opened_node = image->node;
   std::vector<nlohmann::json> infos;
-  for (const block::Node* node = *opened; node != nullptr;) {
+  for (const block::Node* node = opened_node; node != nullptr;) {
     infos.push_back(graph_info(*node));
     if (!chain) {
       break;

@@ -19,6 +19,16 @@ void report(const std::string& message);
 // qemu-img's error_exit: the message, a hint, exit status 1.
 int error_exit(const std::string& message);
 
+// The one image a sub-command works on, opened from a file name or (--image-opts) options.
+struct OpenedImage {
+  std::unique_ptr<BlockSession> session;
+  block::Node* node = nullptr;
+};
+// Opens `name` with `request`'s other settings; reports failures qemu-img's way
+// ("Could not open 'x': ...") and returns nullopt after a report.
+std::optional<OpenedImage> open_image_or_report(ImageOpenRequest request, const std::string& name,
+                                                bool image_opts);
+
 // One run of qemu-img's get_block_status over the backing chain (MapEntry without start).
 struct ChainStatus {
   uint64_t bytes = 0;

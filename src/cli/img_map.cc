@@ -173,22 +173,13 @@ int map_main(int argc, char** argv) {
     return error_exit("--output must be used with human or json as argument.");
   }
   std::string filename = argv[optind];
-  if (image_opts) {
-    request.image_opts = filename;
-  } else {
-    request.filename = filename;
-  }
-  auto session = BlockSession::create();
-  if (!session) {
-    report(session.error().message());
+  auto image = open_image_or_report(request, filename, image_opts);
+  if (!image) {
     return 1;
   }
-  auto opened = (*session)->open(request);
-  if (!opened) {
-    report("Could not open '" + filename + "': " + opened.error().message());
-    return 1;
-  }
-  block::Node& node = **opened;
+  auto& session = image->session;
+  block::Node* opened_node = image->node;
+  block::Node& node = *opened_node;
   const bool json = output == "json";
   if (json) {
     std::putchar('[');
@@ -200,7 +191,7 @@ int map_main(int argc, char** argv) {
   if (max_length) {
     end = std::min(length, start_offset + *max_length);
   }
-  int rc = (*session)->loop().block_on(run_map(node, json, start_offset, end));
+  int rc = session->loop().block_on(run_map(node, json, start_offset, end));
   if (json) {
     std::puts("]");
   }
