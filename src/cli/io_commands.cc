@@ -92,6 +92,37 @@ void print_cvtnum_err(int64_t rc, const std::string& arg) {
   }
 }
 
+// The "offset length" operands most commands take, checked as qemu-io does (negative or
+// unparsable numbers, lengths above the request limit); `error` is the command's return value
+// when they are not acceptable.
+struct OffsetAndLength {
+  int error = 0;
+  int64_t offset = 0;
+  int64_t length = 0;
+};
+
+OffsetAndLength parse_offset_and_length(const std::vector<std::string>& operands) {
+  OffsetAndLength range;
+  range.offset = cvtnum(operands[0]);
+  if (range.offset < 0) {
+    print_cvtnum_err(range.offset, operands[0]);
+    range.error = static_cast<int>(range.offset);
+    return range;
+  }
+  range.length = cvtnum(operands[1]);
+  if (range.length < 0) {
+    print_cvtnum_err(range.length, operands[1]);
+    range.error = static_cast<int>(range.length);
+    return range;
+  }
+  if (range.length > kRequestMaxBytes) {
+    std::printf("length cannot exceed %" PRIu64 ", given %s\n",
+                static_cast<uint64_t>(kRequestMaxBytes), operands[1].c_str());
+    range.error = -EINVAL;
+  }
+  return range;
+}
+
 int parse_pattern(const std::string& arg) {
   char* end = nullptr;
   long pattern = std::strtol(arg.c_str(), &end, 0);
@@ -437,21 +468,12 @@ aio::Task<int> IoShell::read_cmd(Args& args) {
   if (args.operands.size() != 2) {
     co_return command_usage(*args.info);
   }
-  int64_t offset = cvtnum(args.operands[0]);
-  if (offset < 0) {
-    print_cvtnum_err(offset, args.operands[0]);
-    co_return static_cast<int>(offset);
+  OffsetAndLength range = parse_offset_and_length(args.operands);
+  if (range.error != 0) {
+    co_return range.error;
   }
-  int64_t count = cvtnum(args.operands[1]);
-  if (count < 0) {
-    print_cvtnum_err(count, args.operands[1]);
-    co_return static_cast<int>(count);
-  }
-  if (count > kRequestMaxBytes) {
-    std::printf("length cannot exceed %" PRIu64 ", given %s\n",
-                static_cast<uint64_t>(kRequestMaxBytes), args.operands[1].c_str());
-    co_return -EINVAL;
-  }
+  int64_t offset = range.offset;
+  int64_t count = range.length;
   if (pattern < 0 && (pattern_offset || pattern_count)) {
     co_return command_usage(*args.info);
   }
@@ -842,21 +864,12 @@ aio::Task<int> IoShell::discard_cmd(Args& args) {
   if (args.operands.size() != 2) {
     co_return command_usage(*args.info);
   }
-  int64_t offset = cvtnum(args.operands[0]);
-  if (offset < 0) {
-    print_cvtnum_err(offset, args.operands[0]);
-    co_return static_cast<int>(offset);
+  OffsetAndLength range = parse_offset_and_length(args.operands);
+  if (range.error != 0) {
+    co_return range.error;
   }
-  int64_t bytes = cvtnum(args.operands[1]);
-  if (bytes < 0) {
-    print_cvtnum_err(bytes, args.operands[1]);
-    co_return static_cast<int>(bytes);
-  }
-  if (bytes > kRequestMaxBytes) {
-    std::printf("length cannot exceed %" PRIu64 ", given %s\n",
-                static_cast<uint64_t>(kRequestMaxBytes), args.operands[1].c_str());
-    co_return -EINVAL;
-  }
+  int64_t offset = range.offset;
+  int64_t bytes = range.length;
   if (static_cast<uint64_t>(offset) + static_cast<uint64_t>(bytes) > node_->length()) {
     std::printf("discard failed: %s\n", std::strerror(EIO));
     co_return -EIO;
