@@ -94,17 +94,22 @@ uint64_t bounce_chunk_bytes(const Node& node) {
   return std::max(round_down(std::min(kMaxBounceBytes, max_transfer_bytes(node)), align), align);
 }
 
-aio::Task<Result<void>> driver_preadv(Node& node, uint64_t offset, IoVector qiov, uint32_t flags) {
+namespace {
+using DriverTransfer = aio::Task<Result<void>> (Node::*)(uint64_t, uint64_t, IoVector, uint32_t);
+
+// Passes an aligned request to the driver in pieces of at most max_transfer bytes.
+aio::Task<Result<void>> driver_transfer(Node& node, DriverTransfer transfer, uint64_t offset,
+                                        IoVector qiov, uint32_t flags) {
   const uint64_t max = max_transfer_bytes(node);
   const uint64_t bytes = qiov.size();
   if (bytes <= max) {
-    Result<void> result = co_await node.co_preadv(offset, bytes, std::move(qiov), flags);
+    Result<void> result = co_await (node.*transfer)(offset, bytes, std::move(qiov), flags);
     co_return result;
   }
   for (uint64_t done = 0; done < bytes;) {
     const uint64_t len = std::min(max, bytes - done);
     IoVector part = qiov.slice(done, len);
-    Result<void> result = co_await node.co_preadv(offset + done, len, std::move(part), flags);
+    Result<void> result = co_await (node.*transfer)(offset + done, len, std::move(part), flags);
     if (!result) {
       co_return result;
     }
@@ -112,24 +117,15 @@ aio::Task<Result<void>> driver_preadv(Node& node, uint64_t offset, IoVector qiov
   }
   co_return ok();
 }
+}  // namespace
+
+// Plain functions returning the transfer's task: no extra coroutine frame on the data path.
+aio::Task<Result<void>> driver_preadv(Node& node, uint64_t offset, IoVector qiov, uint32_t flags) {
+  return driver_transfer(node, &Node::co_preadv, offset, std::move(qiov), flags);
+}
 
 aio::Task<Result<void>> driver_pwritev(Node& node, uint64_t offset, IoVector qiov, uint32_t flags) {
-  const uint64_t max = max_transfer_bytes(node);
-  const uint64_t bytes = qiov.size();
-  if (bytes <= max) {
-    Result<void> result = co_await node.co_pwritev(offset, bytes, std::move(qiov), flags);
-    co_return result;
-  }
-  for (uint64_t done = 0; done < bytes;) {
-    const uint64_t len = std::min(max, bytes - done);
-    IoVector part = qiov.slice(done, len);
-    Result<void> result = co_await node.co_pwritev(offset + done, len, std::move(part), flags);
-    if (!result) {
-      co_return result;
-    }
-    done += len;
-  }
-  co_return ok();
+  return driver_transfer(node, &Node::co_pwritev, offset, std::move(qiov), flags);
 }
 
 bool is_not_supported(const Error& error) {
