@@ -64,8 +64,9 @@ FileNode::FileNode(CommonOptions common, const FileOptions& options)
     : Node(std::move(common)), path_(options.filename), locking_(options.locking) {}
 
 FileNode::~FileNode() {
-  if (pending_fd_ >= 0) {
-    ::close(pending_fd_);
+  abort_perm();
+  if (lock_) {
+    lock_->release();  // see set_perm: close() may release the bytes late
   }
   if (fd_ >= 0) {
     ::close(fd_);
@@ -365,15 +366,7 @@ Result<void> FileNode::check_perm(uint64_t perm, uint64_t shared) {
     pending_fd_ = *fd;
   }
   auto fail = [this](Error error) -> Result<void> {
-    if (pending_lock_) {
-      lock_->abort();
-      pending_lock_ = false;
-    }
-    pending_fd_lock_.reset();
-    if (pending_fd_ >= 0) {
-      ::close(pending_fd_);  // drops whatever it had locked
-      pending_fd_ = -1;
-    }
+    abort_perm();
     return error;
   };
   if (!lock_) {
@@ -406,7 +399,13 @@ void FileNode::set_perm(uint64_t perm, uint64_t shared) {
     pending_lock_ = false;
   }
   if (pending_fd_ >= 0) {
-    ::close(fd_);  // its lock bytes go with it; the new descriptor already holds them
+    // The new descriptor already holds the lock bytes. Unlock the old one explicitly: close()
+    // alone releases them only when the last reference to the file goes, and io_uring may still
+    // hold one for a while.
+    if (lock_ && pending_fd_lock_) {
+      lock_->release();
+    }
+    ::close(fd_);
     fd_ = pending_fd_;
     fd_writable_ = !fd_writable_;
     pending_fd_ = -1;
@@ -422,6 +421,9 @@ void FileNode::abort_perm() {
   if (pending_lock_) {
     lock_->abort();
     pending_lock_ = false;
+  }
+  if (pending_fd_lock_) {
+    pending_fd_lock_->release();  // see set_perm: close() may release it late
   }
   pending_fd_lock_.reset();
   if (pending_fd_ >= 0) {
