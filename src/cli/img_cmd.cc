@@ -80,6 +80,7 @@ aio::Task<Result<ChainStatus>> chain_status(block::Node& top, uint64_t offset, u
       result.data = (flags & block::BlockStatus::kData) != 0;
       result.zero = (flags & block::BlockStatus::kZero) != 0;
       result.present = (flags & block::BlockStatus::kAllocated) != 0;
+      result.compressed = (flags & block::BlockStatus::kCompressed) != 0;
       result.has_offset = (flags & block::BlockStatus::kOffsetValid) != 0;
       result.offset = status->map_offset;
       if (result.has_offset && status->file != nullptr) {

@@ -34,7 +34,8 @@ struct ChainStatus {
   uint64_t bytes = 0;
   bool data = false;
   bool zero = false;
-  bool present = false;  // allocated somewhere in the chain
+  bool present = false;     // allocated somewhere in the chain
+  bool compressed = false;  // stored compressed in the layer that has it
   bool has_offset = false;
   uint64_t offset = 0;
   int depth = 0;

@@ -27,7 +27,8 @@ bool mergeable(const MapEntry& current, const MapEntry& next) {
     return false;
   }
   if (a.zero != b.zero || a.data != b.data || a.depth != b.depth || a.present != b.present ||
-      a.filename.has_value() != b.filename.has_value() || a.has_offset != b.has_offset) {
+      a.compressed != b.compressed || a.filename.has_value() != b.filename.has_value() ||
+      a.has_offset != b.has_offset) {
     return false;
   }
   if (a.filename && *a.filename != *b.filename) {
@@ -66,9 +67,10 @@ bool dump_entry(bool json, const MapEntry& entry, MapEntry* next) {
   }
   std::printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
               ", \"depth\": %d,"
-              " \"present\": %s, \"zero\": %s, \"data\": %s, \"compressed\": false",
+              " \"present\": %s, \"zero\": %s, \"data\": %s, \"compressed\": %s",
               entry.start, e.bytes, e.depth, e.present ? "true" : "false",
-              e.zero ? "true" : "false", e.data ? "true" : "false");
+              e.zero ? "true" : "false", e.data ? "true" : "false",
+              e.compressed ? "true" : "false");
   if (e.has_offset) {
     std::printf(", \"offset\": %" PRIu64, e.offset);
   }

@@ -183,3 +183,14 @@ def test_qcow2_info_map_convert(tmp_path):
         assert Path("s.raw").read_bytes() == Path("q.raw").read_bytes()
         assert assert_same("compare", image, "q.raw").returncode == 0
     assert_same("info", "--backing-chain", "top.qcow2")
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_map_reports_compressed_clusters(tmp_path, compression):
+    os.chdir(tmp_path)
+    make_raw("src.raw", "4M", ["write -P 0x11 0 1M", "write -P 0 2M 1M"])
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={compression}", "src.raw",
+             "c.qcow2", check=True)
+    assert '"compressed": true' in assert_same("map", "--output=json", "c.qcow2").stdout
+    # The human format cannot show clusters without a host offset.
+    assert assert_same("map", "c.qcow2").returncode == 1

@@ -110,7 +110,8 @@ struct BlockStatus {
     kZero = 1u << 1,       // reads return zeroes
     kAllocated = 1u << 2,  // allocated at this layer (not from backing)
     kOffsetValid = 1u << 3,
-    kRecurse = 1u << 4,  // ask `file` at `map_offset` for the truth
+    kRecurse = 1u << 4,     // ask `file` at `map_offset` for the truth
+    kCompressed = 1u << 5,  // stored compressed (QEMU's BDRV_BLOCK_COMPRESSED)
   };
   uint64_t bytes = 0;  // length of the run with identical status, > 0
   uint32_t flags = 0;

@@ -600,7 +600,7 @@ aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint6
       status.flags = BlockStatus::kZero;
       break;
     case SubclusterType::kCompressed:
-      status.flags = BlockStatus::kData;
+      status.flags = BlockStatus::kData | BlockStatus::kCompressed;
       break;
     case SubclusterType::kUnallocatedPlain:
       status.flags = 0;
