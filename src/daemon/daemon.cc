@@ -29,9 +29,16 @@ IoThread::~IoThread() {
 // ---- Daemon -----------------------------------------------------------------------------------
 
 Daemon::Daemon(aio::EventLoop& main_loop)
-    : main_loop_(main_loop), monitors_(main_loop, commands_, version_info()) {
+    : main_loop_(main_loop),
+      monitors_(main_loop, commands_, version_info()),
+      jobs_(main_loop, [this](const block::job::Job& job) {
+        monitors_.emit_event(
+            "JOB_STATUS_CHANGE",
+            {{"id", job.id()}, {"status", std::string(block::job::status_name(job.status()))}});
+      }) {
   register_commands();
   register_block_commands();
+  register_job_commands();
 }
 
 Daemon::~Daemon() = default;
@@ -149,6 +156,8 @@ void Daemon::stop() {
 void Daemon::run() {
   main_loop_.block_on([](Daemon& self) -> aio::Task<void> {
     co_await self.monitors_.quit_event().wait();
+    // As qemu-storage-daemon's exit path (job_cancel_sync_all): jobs end before the graph.
+    co_await self.jobs_.cancel_all();
     co_await self.monitors_.shutdown();
   }(*this));
   iothreads_.clear();

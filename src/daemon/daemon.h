@@ -13,6 +13,7 @@
 #include "aio/event_loop.h"
 #include "base/result.h"
 #include "block/graph/graph.h"
+#include "block/job/job.h"
 #include "qmp/command_table.h"
 #include "qmp/monitor.h"
 
@@ -44,6 +45,7 @@ class Daemon {
   block::Graph& graph() { return graph_; }
   qmp::MonitorHub& monitors() { return monitors_; }
   const qmp::CommandTable& commands() const { return commands_; }
+  block::job::JobManager& jobs() { return jobs_; }
 
   // blockdev-add from QMP arguments or a --blockdev option (keyval: scalars are strings).
   Result<void> blockdev_add(const nlohmann::json& options, bool keyval);
@@ -62,11 +64,14 @@ class Daemon {
  private:
   void register_commands();
   void register_block_commands();
+  void register_job_commands();
 
   aio::EventLoop& main_loop_;
   block::Graph graph_;
   qmp::CommandTable commands_;
   qmp::MonitorHub monitors_;
+  // After graph_ and monitors_: jobs use nodes and report to monitors until they are destroyed.
+  block::job::JobManager jobs_;
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
   bool stop_requested_ = false;
 };

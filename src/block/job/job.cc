@@ -1,0 +1,425 @@
+#include "block/job/job.h"
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+
+namespace strata::block::job {
+
+namespace {
+
+constexpr size_t kStatusCount = 11;
+constexpr size_t kVerbCount = 8;
+
+constexpr std::array<std::string_view, kStatusCount> kStatusNames = {
+    "undefined", "created", "running",  "paused",    "ready", "standby",
+    "waiting",   "pending", "aborting", "concluded", "null",
+};
+constexpr std::array<std::string_view, kVerbCount> kVerbNames = {
+    "cancel", "pause", "resume", "set-speed", "complete", "finalize", "dismiss", "change",
+};
+
+// QEMU's JobSTT: row = from, column = to (U, C, R, P, Y, S, W, D, X, E, N).
+constexpr bool kTransitions[kStatusCount][kStatusCount] = {
+    /* U */ {0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+    /* C */ {0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1},
+    /* R */ {0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0},
+    /* P */ {0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0},
+    /* Y */ {0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0},
+    /* S */ {0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0},
+    /* W */ {0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0},
+    /* D */ {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0},
+    /* X */ {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0},
+    /* E */ {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1},
+    /* N */ {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+};
+
+// QEMU's JobVerbTable: row = verb, column = status.
+constexpr bool kVerbs[kVerbCount][kStatusCount] = {
+    /* cancel    */ {0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0},
+    /* pause     */ {0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0},
+    /* resume    */ {0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0},
+    /* set-speed */ {0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0},
+    /* complete  */ {0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0},
+    /* finalize  */ {0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0},
+    /* dismiss   */ {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0},
+    /* change    */ {0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0},
+};
+
+size_t index_of(JobStatus status) {
+  return static_cast<size_t>(status);
+}
+
+bool is_alpha(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+bool is_digit(char c) {
+  return c >= '0' && c <= '9';
+}
+
+}  // namespace
+
+std::string_view status_name(JobStatus status) {
+  return kStatusNames[index_of(status)];
+}
+
+std::string_view verb_name(JobVerb verb) {
+  return kVerbNames[static_cast<size_t>(verb)];
+}
+
+bool transition_allowed(JobStatus from, JobStatus to) {
+  return kTransitions[index_of(from)][index_of(to)];
+}
+
+bool verb_allowed(JobVerb verb, JobStatus status) {
+  return kVerbs[static_cast<size_t>(verb)][index_of(status)];
+}
+
+bool id_wellformed(std::string_view id) {
+  if (id.empty() || !is_alpha(id[0])) {
+    return false;
+  }
+  return std::all_of(id.begin() + 1, id.end(), [](char c) {
+    return is_alpha(c) || is_digit(c) || c == '-' || c == '.' || c == '_';
+  });
+}
+
+// ---- Job --------------------------------------------------------------------------------------
+
+Job::Job(std::string id, std::string type, Flags flags)
+    : id_(std::move(id)), type_(std::move(type)), flags_(flags) {}
+
+nlohmann::json Job::info() const {
+  nlohmann::json info = {
+      {"id", id_},
+      {"type", type_},
+      {"status", std::string(status_name(status_))},
+      {"current-progress", progress_current_},
+      {"total-progress", progress_total_},
+  };
+  if (error_) {
+    info["error"] = *error_;
+  }
+  return info;
+}
+
+void Job::enter() {
+  if (wake_ != nullptr) {
+    wake_->set();
+  }
+}
+
+aio::Task<void> Job::pause_point() {
+  if (pause_count_ <= 0 || is_cancelled()) {
+    co_return;
+  }
+  const JobStatus before = status_;
+  manager_->transition(*this,
+                       before == JobStatus::kReady ? JobStatus::kStandby : JobStatus::kPaused);
+  aio::Event wake;
+  wake_ = &wake;
+  busy_ = false;
+  while (pause_count_ > 0 && !is_cancelled()) {
+    wake.reset();
+    co_await wake.wait();
+  }
+  wake_ = nullptr;
+  busy_ = true;
+  manager_->transition(*this, before);
+}
+
+aio::Task<void> Job::yield() {
+  if (is_cancelled()) {
+    co_return;
+  }
+  if (pause_count_ <= 0) {
+    aio::Event wake;
+    wake_ = &wake;
+    busy_ = false;
+    co_await wake.wait();
+    wake_ = nullptr;
+    busy_ = true;
+  }
+  co_await pause_point();
+}
+
+void Job::transition_to_ready() {
+  manager_->transition(*this, JobStatus::kReady);
+}
+
+// ---- JobManager -------------------------------------------------------------------------------
+
+JobManager::JobManager(aio::EventLoop& loop, std::function<void(const Job&)> on_status_change)
+    : loop_(loop), on_status_change_(std::move(on_status_change)) {}
+
+JobManager::~JobManager() = default;
+
+void JobManager::transition(Job& job, JobStatus to) {
+  const JobStatus from = job.status_;
+  if (!transition_allowed(from, to)) {
+    std::fprintf(stderr, "job '%s': illegal transition %s -> %s\n", job.id_.c_str(),
+                 std::string(status_name(from)).c_str(), std::string(status_name(to)).c_str());
+    std::abort();
+  }
+  job.status_ = to;
+  if (from != to && on_status_change_) {
+    on_status_change_(job);
+  }
+}
+
+Result<void> JobManager::apply_verb(const Job& job, JobVerb verb) const {
+  if (verb_allowed(verb, job.status_)) {
+    return ok();
+  }
+  return make_error(ErrorKind::kInvalidArgument,
+                    "Job '" + job.id_ + "' in state '" + std::string(status_name(job.status_)) +
+                        "' cannot accept command verb '" + std::string(verb_name(verb)) + "'");
+}
+
+Result<Job*> JobManager::create(std::unique_ptr<Job> job) {
+  if (!id_wellformed(job->id_)) {
+    return make_error(ErrorKind::kInvalidArgument, "Invalid job ID '" + job->id_ + "'");
+  }
+  if (find(job->id_) != nullptr) {
+    return make_error(ErrorKind::kExists, "Job ID '" + job->id_ + "' already in use");
+  }
+  job->manager_ = this;
+  Job* created = job.get();
+  jobs_.push_back(std::move(job));
+  transition(*created, JobStatus::kCreated);
+  return created;
+}
+
+void JobManager::start(Job& job) {
+  job.started_ = true;
+  job.pause_count_--;
+  job.busy_ = true;
+  transition(job, JobStatus::kRunning);
+  running_.spawn(run_job(&job));
+}
+
+void JobManager::early_fail(Job& job) {
+  do_dismiss(job);
+}
+
+aio::Task<void> JobManager::run_job(Job* job) {
+  // As QEMU's job_start, run() is entered at once and runs until it first suspends; a job that
+  // finishes without suspending completes before start() returns (QEMU's job_exit bottom half
+  // runs before the QMP reply is sent), one that suspends completes later.
+  co_await job->pause_point();
+  Result<void> result = co_await job->run();
+  if (!result && !job->failure_) {
+    job->failure_ = std::move(result).error();
+  }
+  job->deferred_to_main_loop_ = true;
+  job->busy_ = false;
+  // May destroy *job (auto-dismiss); nothing touches it afterwards.
+  completed(*job);
+}
+
+Job* JobManager::find(std::string_view id) const {
+  for (const auto& job : jobs_) {
+    if (job->id_ == id) {
+      return job.get();
+    }
+  }
+  return nullptr;
+}
+
+std::vector<Job*> JobManager::jobs() const {
+  std::vector<Job*> list;
+  for (auto it = jobs_.rbegin(); it != jobs_.rend(); ++it) {
+    list.push_back(it->get());
+  }
+  return list;
+}
+
+void JobManager::update_rc(Job& job) {
+  if (!job.failure_ && job.is_cancelled()) {
+    job.failure_ = Error::from_errno(ECANCELED, "");
+  }
+  if (job.failure_) {
+    job.error_ = job.failure_->message();
+    transition(job, JobStatus::kAborting);
+  }
+}
+
+void JobManager::completed(Job& job) {
+  update_rc(job);
+  if (job.failure_) {
+    finalize_single(job);
+    return;
+  }
+  transition(job, JobStatus::kWaiting);
+  transition(job, JobStatus::kPending);
+  if (job.flags_.auto_finalize) {
+    do_finalize(job);
+  }
+}
+
+void JobManager::do_finalize(Job& job) {
+  if (!job.failure_) {
+    Result<void> prepared = job.prepare();
+    if (!prepared) {
+      job.failure_ = std::move(prepared).error();
+    }
+    update_rc(job);
+  }
+  finalize_single(job);
+}
+
+void JobManager::finalize_single(Job& job) {
+  update_rc(job);
+  if (!job.failure_) {
+    job.commit();
+  } else {
+    job.abort();
+  }
+  job.clean();
+  conclude(job);
+}
+
+void JobManager::conclude(Job& job) {
+  transition(job, JobStatus::kConcluded);
+  if (job.flags_.auto_dismiss || !job.started_) {
+    do_dismiss(job);
+  }
+}
+
+void JobManager::do_dismiss(Job& job) {
+  job.busy_ = false;
+  job.deferred_to_main_loop_ = true;
+  transition(job, JobStatus::kNull);
+  auto it = std::find_if(jobs_.begin(), jobs_.end(),
+                         [&](const std::unique_ptr<Job>& entry) { return entry.get() == &job; });
+  if (it != jobs_.end()) {
+    jobs_.erase(it);
+  }
+}
+
+void JobManager::resume(Job& job) {
+  job.pause_count_--;
+  if (job.pause_count_ == 0) {
+    job.enter();
+  }
+}
+
+Result<void> JobManager::user_pause(Job& job) {
+  auto allowed = apply_verb(job, JobVerb::kPause);
+  if (!allowed) {
+    return allowed;
+  }
+  if (job.user_paused_) {
+    return make_error(ErrorKind::kInvalidArgument, "Job is already paused");
+  }
+  job.user_paused_ = true;
+  job.pause_count_++;
+  // A job waiting in yield() is entered so that it reaches its pause point (QEMU's job_pause).
+  job.enter();
+  return ok();
+}
+
+Result<void> JobManager::user_resume(Job& job) {
+  if (!job.user_paused_ || job.pause_count_ <= 0) {
+    return make_error(ErrorKind::kInvalidArgument, "Can't resume a job that was not paused");
+  }
+  auto allowed = apply_verb(job, JobVerb::kResume);
+  if (!allowed) {
+    return allowed;
+  }
+  job.user_paused_ = false;
+  resume(job);
+  return ok();
+}
+
+void JobManager::cancel_async(Job& job, bool force) {
+  force = job.on_cancel(force);
+  if (job.user_paused_) {
+    job.user_paused_ = false;
+    job.pause_count_--;
+  }
+  // A soft cancel of a job that has already finished its work is ignored.
+  if (force || !job.deferred_to_main_loop_) {
+    job.cancelled_ = true;
+    job.force_cancel_ = job.force_cancel_ || force;
+  }
+}
+
+void JobManager::cancel(Job& job, bool force) {
+  if (job.status_ == JobStatus::kConcluded) {
+    do_dismiss(job);
+    return;
+  }
+  cancel_async(job, force);
+  if (!job.started_) {
+    completed(job);
+  } else if (job.deferred_to_main_loop_) {
+    if (job.is_cancelled()) {
+      finalize_single(job);
+    }
+  } else {
+    job.enter();
+  }
+}
+
+Result<void> JobManager::user_cancel(Job& job, bool force) {
+  auto allowed = apply_verb(job, JobVerb::kCancel);
+  if (!allowed) {
+    return allowed;
+  }
+  cancel(job, force);
+  return ok();
+}
+
+Result<void> JobManager::user_complete(Job& job) {
+  auto allowed = apply_verb(job, JobVerb::kComplete);
+  if (!allowed) {
+    return allowed;
+  }
+  if (job.pause_count_ > 0 || job.cancel_requested() || !job.supports_complete()) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "The active block job '" + job.id_ + "' cannot be completed");
+  }
+  auto completed_request = job.complete();
+  if (completed_request) {
+    job.enter();
+  }
+  return completed_request;
+}
+
+Result<void> JobManager::finalize(Job& job) {
+  auto allowed = apply_verb(job, JobVerb::kFinalize);
+  if (!allowed) {
+    return allowed;
+  }
+  do_finalize(job);
+  return ok();
+}
+
+Result<void> JobManager::dismiss(Job& job) {
+  auto allowed = apply_verb(job, JobVerb::kDismiss);
+  if (!allowed) {
+    return allowed;
+  }
+  do_dismiss(job);
+  return ok();
+}
+
+aio::Task<void> JobManager::cancel_all() {
+  // Each pass cancels what is unfinished and dismisses what is concluded; once the coroutines
+  // are done every job is concluded (or gone), so the second pass empties the list.
+  while (!jobs_.empty()) {
+    for (Job* job : jobs()) {
+      if (job->status_ == JobStatus::kConcluded) {
+        do_dismiss(*job);
+      } else {
+        cancel(*job, true);
+      }
+    }
+    co_await running_.wait();
+  }
+}
+
+}  // namespace strata::block::job
