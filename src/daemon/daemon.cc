@@ -3,6 +3,7 @@
 #include <array>
 
 #include "base/arg_decoder.h"
+#include "daemon/exports.h"
 
 namespace strata::daemon {
 
@@ -32,6 +33,8 @@ Daemon::Daemon(aio::EventLoop& main_loop)
     : main_loop_(main_loop), monitors_(main_loop, commands_, version_info()) {
   register_commands();
   register_block_commands();
+  exports_ = std::make_unique<ExportManager>(*this);
+  exports_->register_commands();
 }
 
 Daemon::~Daemon() = default;
@@ -149,6 +152,7 @@ void Daemon::stop() {
 void Daemon::run() {
   main_loop_.block_on([](Daemon& self) -> aio::Task<void> {
     co_await self.monitors_.quit_event().wait();
+    co_await self.exports_->shutdown();
     co_await self.monitors_.shutdown();
   }(*this));
   iothreads_.clear();

@@ -18,6 +18,8 @@
 
 namespace strata::daemon {
 
+class ExportManager;
+
 // An `iothread` object: a thread running its own event loop.
 class IoThread {
  public:
@@ -44,6 +46,10 @@ class Daemon {
   block::Graph& graph() { return graph_; }
   qmp::MonitorHub& monitors() { return monitors_; }
   const qmp::CommandTable& commands() const { return commands_; }
+  qmp::CommandTable& command_table() { return commands_; }
+  // Block exports and the NBD server (daemon/exports.h).
+  ExportManager& exports() { return *exports_; }
+  bool has_iothread(const std::string& id) const { return iothreads_.count(id) != 0; }
 
   // blockdev-add from QMP arguments or a --blockdev option (keyval: scalars are strings).
   Result<void> blockdev_add(const nlohmann::json& options, bool keyval);
@@ -68,6 +74,8 @@ class Daemon {
   qmp::CommandTable commands_;
   qmp::MonitorHub monitors_;
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
+  // After graph_ and monitors_: exports hold root edges and emit events.
+  std::unique_ptr<ExportManager> exports_;
   bool stop_requested_ = false;
 };
 
