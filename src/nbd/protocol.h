@@ -180,24 +180,10 @@ class WireReader {
  public:
   WireReader(const void* data, size_t size)
       : data_(static_cast<const uint8_t*>(data)), size_(size) {}
-  uint8_t u8() {
-    if (!take(1)) {
-      return 0;
-    }
-    return data_[pos_ - 1];
-  }
-  uint16_t u16() {
-    uint16_t hi = u8();
-    return static_cast<uint16_t>((hi << 8) | u8());
-  }
-  uint32_t u32() {
-    uint32_t hi = u16();
-    return (hi << 16) | u16();
-  }
-  uint64_t u64() {
-    uint64_t hi = u32();
-    return (hi << 32) | u32();
-  }
+  uint8_t u8() { return static_cast<uint8_t>(big_endian(1)); }
+  uint16_t u16() { return static_cast<uint16_t>(big_endian(2)); }
+  uint32_t u32() { return static_cast<uint32_t>(big_endian(4)); }
+  uint64_t u64() { return big_endian(8); }
   // Up to `length` bytes as a string; fails (returning "") if fewer remain.
   std::string bytes(size_t length) {
     if (!take(length)) {
@@ -209,6 +195,17 @@ class WireReader {
   bool failed() const { return failed_; }
 
  private:
+  // The next `width` bytes as a big-endian number; 0 (and failed()) if fewer remain.
+  uint64_t big_endian(size_t width) {
+    if (!take(width)) {
+      return 0;
+    }
+    uint64_t value = 0;
+    for (size_t i = pos_ - width; i < pos_; ++i) {
+      value = (value << 8) | data_[i];
+    }
+    return value;
+  }
   bool take(size_t n) {
     if (failed_ || n > size_ - pos_) {
       failed_ = true;
