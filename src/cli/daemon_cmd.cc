@@ -21,6 +21,7 @@
 #include "base/keyval.h"
 #include "cli/commands.h"
 #include "daemon/daemon.h"
+#include "daemon/exports.h"
 
 namespace strata::cli {
 
@@ -43,13 +44,23 @@ constexpr const char* kUsage =
     "  --chardev stdio,id=<id>   configure a character device for a monitor\n"
     "  --monitor [chardev=]<id>[,mode=control][,pretty=on|off]\n"
     "                            configure a QMP monitor\n"
+    "  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n"
+    "           [,writable=on|off][,writethrough=on|off][,description=<text>]\n"
+    "           [,allocation-depth=on|off][,allow-inactive=on|off]\n"
+    "                            export the specified block node over NBD\n"
+    "  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>\n"
+    "               [,max-connections=<n>][,handshake-max-seconds=<n>]\n"
+    "  --nbd-server addr.type=unix,addr.path=<path>\n"
+    "               [,max-connections=<n>][,handshake-max-seconds=<n>]\n"
+    "                            start an NBD server for exporting block nodes\n"
     "  --object iothread,id=<id> create an iothread object\n"
     "  --pidfile <path>          write the process ID to a file after startup\n"
     "  --daemonize               daemonize the process, and have the parent exit\n"
     "                            once startup is complete\n"
     "\n"
-    "Without options: create ./strata-data with a 1 GiB disk and serve QMP on\n"
-    "./strata-data/qmp.sock.\n";
+    "Without options: create ./strata-data with a 1 GiB disk, serve QMP on\n"
+    "./strata-data/qmp.sock and export the disk over NBD on ./strata-data/nbd.sock\n"
+    "and 127.0.0.1:10809 (export name 'disk').\n";
 
 struct Chardev {
   std::string backend;  // socket | stdio
@@ -182,13 +193,35 @@ Result<void> setup_default(daemon::Daemon& daemon) {
   if (!listening) {
     return listening;
   }
+  // The disk over NBD: a unix socket next to the QMP one and the NBD port on loopback. A port
+  // taken by another server is reported and skipped; the unix socket alone still serves.
+  const std::string nbd_socket = dir + "/nbd.sock";
+  std::vector<daemon::ListenAddress> addresses = {{"unix", nbd_socket, "", ""},
+                                                  {"inet", "", "127.0.0.1", "10809"}};
+  std::vector<Error> failures;
+  auto serving = daemon.exports().start_server_on(addresses, nbd::ServerConfig{}, &failures);
+  if (!serving) {
+    return serving;
+  }
+  for (const Error& failure : failures) {
+    std::fprintf(stderr, "strata daemon: warning: NBD listener not started: %s\n",
+                 failure.message().c_str());
+  }
+  auto exported = daemon.exports().add_export(
+      {{"type", "nbd"}, {"id", "disk"}, {"node-name", "disk"}, {"writable", true}}, false);
+  if (!exported) {
+    return exported;
+  }
   std::printf(
       "strata daemon: serving node 'disk' (raw, 1 GiB) from %s\n"
       "QMP monitor on %s; connect with:\n"
       "  build/strata qmp %s query-named-block-nodes\n"
       "  build/strata qmp %s            (interactive shell)\n"
+      "NBD export 'disk' (writable) on %s%s; for example:\n"
+      "  nbdinfo 'nbd+unix:///disk?socket=%s'\n"
       "Stop with Ctrl-C or the QMP command 'quit'.\n",
-      image.c_str(), socket.c_str(), socket.c_str(), socket.c_str());
+      image.c_str(), socket.c_str(), socket.c_str(), socket.c_str(), nbd_socket.c_str(),
+      failures.empty() ? " and nbd://127.0.0.1:10809/disk" : "", nbd_socket.c_str());
   std::fflush(stdout);
   return ok();
 }
@@ -206,6 +239,8 @@ int daemon_main(int argc, char** argv) {
       {"object", required_argument, nullptr, kObject},
       {"pidfile", required_argument, nullptr, kPidfile},
       {"daemonize", no_argument, nullptr, kDaemonize},
+      {"nbd-server", required_argument, nullptr, kNbdServer},
+      {"export", required_argument, nullptr, kExport},
       {nullptr, 0, nullptr, 0},
   };
 
@@ -339,6 +374,28 @@ int daemon_main(int argc, char** argv) {
         auto added = daemon.object_add(*options, !qmp::option_is_json(argument));
         if (!added) {
           fail_option("object", argument, added.error().message());
+        }
+        break;
+      }
+      case kNbdServer: {
+        auto options = parse_option(argument, "");
+        if (!options) {
+          fail_option("nbd-server", argument, options.error().message());
+        }
+        auto started = daemon.exports().start_server(*options, !qmp::option_is_json(argument));
+        if (!started) {
+          fail_option("nbd-server", argument, started.error().message());
+        }
+        break;
+      }
+      case kExport: {
+        auto options = parse_option(argument, "type");
+        if (!options) {
+          fail_option("export", argument, options.error().message());
+        }
+        auto added = daemon.exports().add_export(*options, !qmp::option_is_json(argument));
+        if (!added) {
+          fail_option("export", argument, added.error().message());
         }
         break;
       }

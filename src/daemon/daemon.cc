@@ -3,6 +3,7 @@
 #include <array>
 
 #include "base/arg_decoder.h"
+#include "daemon/exports.h"
 
 namespace strata::daemon {
 
@@ -39,6 +40,8 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_commands();
   register_block_commands();
   register_job_commands();
+  exports_ = std::make_unique<ExportManager>(*this);
+  exports_->register_commands();
 }
 
 Daemon::~Daemon() = default;
@@ -158,6 +161,7 @@ void Daemon::run() {
     co_await self.monitors_.quit_event().wait();
     // As qemu-storage-daemon's exit path (job_cancel_sync_all): jobs end before the graph.
     co_await self.jobs_.cancel_all();
+    co_await self.exports_->shutdown();
     co_await self.monitors_.shutdown();
   }(*this));
   iothreads_.clear();

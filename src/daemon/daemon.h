@@ -19,6 +19,8 @@
 
 namespace strata::daemon {
 
+class ExportManager;
+
 // An `iothread` object: a thread running its own event loop.
 class IoThread {
  public:
@@ -46,6 +48,10 @@ class Daemon {
   qmp::MonitorHub& monitors() { return monitors_; }
   const qmp::CommandTable& commands() const { return commands_; }
   block::job::JobManager& jobs() { return jobs_; }
+  qmp::CommandTable& command_table() { return commands_; }
+  // Block exports and the NBD server (daemon/exports.h).
+  ExportManager& exports() { return *exports_; }
+  bool has_iothread(const std::string& id) const { return iothreads_.count(id) != 0; }
 
   // blockdev-add from QMP arguments or a --blockdev option (keyval: scalars are strings).
   Result<void> blockdev_add(const nlohmann::json& options, bool keyval);
@@ -73,6 +79,8 @@ class Daemon {
   // After graph_ and monitors_: jobs use nodes and report to monitors until they are destroyed.
   block::job::JobManager jobs_;
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
+  // After graph_ and monitors_: exports hold root edges and emit events.
+  std::unique_ptr<ExportManager> exports_;
   bool stop_requested_ = false;
 };
 

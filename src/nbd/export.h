@@ -1,0 +1,90 @@
+#pragma once
+// Export: one block node served over NBD under a name (QEMU's NBDExport). The export is a root
+// parent of its node (a block::BlockParent); whoever creates it attaches the root edge with the
+// permissions it needs (consistent read, plus write when writable) and hands it over with
+// set_root(). Connections that selected the export register with it, so deleting the export can
+// disconnect them and wait until their requests have finished.
+//
+// Threading: everything on the node's home loop (the daemon's main loop).
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aio/sync.h"
+#include "aio/task.h"
+#include "block/graph/node.h"
+
+namespace strata::nbd {
+
+struct ExportConfig {
+  std::string name;                        // the name clients ask for
+  std::optional<std::string> description;  // NBD_INFO_DESCRIPTION, when set
+  bool writable = false;
+  bool writethrough = false;      // every write is FUA
+  bool allocation_depth = false;  // offer the qemu:allocation-depth context
+  // qemu:dirty-bitmap:NAME contexts (names of bitmaps on the node). No bitmap source exists yet,
+  // so the list is empty in practice; the negotiation plumbing handles any length.
+  std::vector<std::string> bitmaps;
+  bool multi_conn = true;  // advertise NBD_FLAG_CAN_MULTI_CONN
+};
+
+// Something that can be told to close (a client connection).
+class Closable {
+ public:
+  virtual ~Closable() = default;
+  virtual void close() = 0;
+};
+
+class Export : public block::BlockParent {
+ public:
+  Export(std::string id, ExportConfig config, std::shared_ptr<block::Node> node);
+  ~Export() override;
+
+  const std::string& id() const { return id_; }
+  const ExportConfig& config() const { return config_; }
+  const std::string& name() const { return config_.name; }
+  block::Node& node() const { return *node_; }
+  uint64_t size() const { return node_->length(); }
+  // Transmission flags before per-connection additions (DF, BLOCK_STAT_PAYLOAD).
+  uint16_t flags() const;
+  std::string parent_description() const override { return "block export '" + id_ + "'"; }
+
+  // The root edge, attached by the creator.
+  void set_root(std::unique_ptr<block::Child> root) { root_ = std::move(root); }
+  std::unique_ptr<block::Child> take_root() { return std::move(root_); }
+
+  // Connection bookkeeping: a connection registers when it selects the export and leaves when it
+  // has finished every request.
+  bool shutting_down() const { return shutting_down_; }
+  size_t connection_count() const { return connections_.size(); }
+  void add_connection(Closable& connection);
+  void remove_connection(Closable& connection);
+  // Marks the export as going away (no new clients) and closes every connection.
+  void request_shutdown();
+  // Resumes once no connection is registered.
+  aio::Task<void> wait_idle();
+
+ private:
+  std::string id_;
+  ExportConfig config_;
+  std::shared_ptr<block::Node> node_;
+  std::unique_ptr<block::Child> root_;
+  std::vector<Closable*> connections_;
+  bool shutting_down_ = false;
+  aio::Event idle_;
+};
+
+// How a connection finds exports by name (the server's export table).
+class ExportDirectory {
+ public:
+  virtual ~ExportDirectory() = default;
+  // The export named `name` that accepts new clients, or nullptr.
+  virtual std::shared_ptr<Export> find_export(std::string_view name) const = 0;
+  // Every export that accepts new clients, in the order NBD_OPT_LIST reports them.
+  virtual std::vector<std::shared_ptr<Export>> list_exports() const = 0;
+};
+
+}  // namespace strata::nbd

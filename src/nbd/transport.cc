@@ -1,0 +1,130 @@
+#include "nbd/transport.h"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace strata::nbd {
+
+aio::Task<bool> Transport::discard(uint64_t length) {
+  char scratch[4096];
+  while (length > 0) {
+    size_t chunk = static_cast<size_t>(std::min<uint64_t>(length, sizeof(scratch)));
+    bool got = co_await read_exact(scratch, chunk);
+    if (!got) {
+      co_return false;
+    }
+    length -= chunk;
+  }
+  co_return true;
+}
+
+// ---- SocketTransport -------------------------------------------------------------------------
+
+SocketTransport::SocketTransport(aio::EventLoop& loop, int fd)
+    : loop_(loop), fd_(fd), buffer_(new char[kBufferSize]) {}
+
+aio::Task<bool> SocketTransport::read_exact(void* buffer, size_t length) {
+  char* out = static_cast<char*>(buffer);
+  while (length > 0) {
+    if (shut_down_) {
+      co_return false;
+    }
+    if (begin_ < end_) {
+      size_t n = std::min(length, end_ - begin_);
+      std::memcpy(out, buffer_.get() + begin_, n);
+      begin_ += n;
+      out += n;
+      length -= n;
+      continue;
+    }
+    int n;
+    if (length >= kBufferSize) {
+      n = co_await loop_.recv(fd_, out, static_cast<uint32_t>(std::min<size_t>(length, 1u << 30)));
+      if (n > 0) {
+        out += n;
+        length -= static_cast<size_t>(n);
+        continue;
+      }
+    } else {
+      n = co_await loop_.recv(fd_, buffer_.get(), kBufferSize);
+      if (n > 0) {
+        begin_ = 0;
+        end_ = static_cast<size_t>(n);
+        continue;
+      }
+    }
+    if (n == -EINTR || n == -EAGAIN) {
+      continue;
+    }
+    co_return false;
+  }
+  co_return true;
+}
+
+aio::Task<bool> SocketTransport::write_all(std::span<const iovec> iov) {
+  std::vector<iovec> rest(iov.begin(), iov.end());
+  size_t index = 0;
+  while (index < rest.size()) {
+    if (shut_down_) {
+      co_return false;
+    }
+    if (rest[index].iov_len == 0) {
+      ++index;
+      continue;
+    }
+    unsigned count = static_cast<unsigned>(std::min<size_t>(rest.size() - index, 1024));
+    int n = co_await loop_.sendmsg_iov(fd_, rest.data() + index, count);
+    if (n == -EINTR || n == -EAGAIN) {
+      continue;
+    }
+    if (n <= 0) {
+      co_return false;
+    }
+    size_t sent = static_cast<size_t>(n);
+    while (sent > 0 && index < rest.size()) {
+      size_t step = std::min(sent, rest[index].iov_len);
+      rest[index].iov_base = static_cast<char*>(rest[index].iov_base) + step;
+      rest[index].iov_len -= step;
+      sent -= step;
+      if (rest[index].iov_len == 0) {
+        ++index;
+      }
+    }
+  }
+  co_return true;
+}
+
+void SocketTransport::shutdown() {
+  if (!shut_down_) {
+    shut_down_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+  }
+}
+
+// ---- MemoryTransport -------------------------------------------------------------------------
+
+aio::Task<bool> MemoryTransport::read_exact(void* buffer, size_t length) {
+  if (shut_down_ || length > input_.size() - position_) {
+    position_ = input_.size();
+    co_return false;
+  }
+  std::memcpy(buffer, input_.data() + position_, length);
+  position_ += length;
+  co_return true;
+}
+
+aio::Task<bool> MemoryTransport::write_all(std::span<const iovec> iov) {
+  if (shut_down_) {
+    co_return false;
+  }
+  for (const iovec& v : iov) {
+    size_t room = output_limit_ - std::min(output_limit_, output_.size());
+    output_.append(static_cast<const char*>(v.iov_base), std::min(room, v.iov_len));
+  }
+  co_return true;
+}
+
+}  // namespace strata::nbd

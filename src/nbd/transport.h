@@ -1,0 +1,77 @@
+#pragma once
+// Transport: the byte stream one NBD connection runs over. The protocol state machine
+// (ServerConnection) only sees this interface, so it runs over a socket on the event loop in the
+// daemon and over an in-memory stream in tests and the fuzz target.
+//
+// Contract: one reader and any number of writers; writers serialise among themselves (the
+// connection holds a lock around each reply). shutdown() makes pending and later reads and writes
+// fail promptly; it may be called from any coroutine on the loop.
+
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "aio/event_loop.h"
+#include "aio/task.h"
+
+namespace strata::nbd {
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  // Reads exactly `length` bytes; false on end of stream, error or after shutdown().
+  virtual aio::Task<bool> read_exact(void* buffer, size_t length) = 0;
+  // Writes every byte of `iov`; false on error or after shutdown().
+  virtual aio::Task<bool> write_all(std::span<const iovec> iov) = 0;
+  virtual void shutdown() = 0;
+
+  // Reads and drops `length` bytes.
+  aio::Task<bool> discard(uint64_t length);
+};
+
+// A connected stream socket on `loop`. Reads are buffered (small request headers cost one
+// receive per buffer fill); payloads larger than the buffer are received in place. The descriptor
+// stays owned by the caller.
+class SocketTransport final : public Transport {
+ public:
+  SocketTransport(aio::EventLoop& loop, int fd);
+  aio::Task<bool> read_exact(void* buffer, size_t length) override;
+  aio::Task<bool> write_all(std::span<const iovec> iov) override;
+  void shutdown() override;
+
+ private:
+  static constexpr size_t kBufferSize = 64 * 1024;
+  aio::EventLoop& loop_;
+  int fd_;
+  bool shut_down_ = false;
+  std::unique_ptr<char[]> buffer_;
+  size_t begin_ = 0;
+  size_t end_ = 0;
+};
+
+// An in-memory stream: reads come from a fixed input, writes are appended to output(). Every
+// operation completes without suspending.
+class MemoryTransport final : public Transport {
+ public:
+  explicit MemoryTransport(std::string input) : input_(std::move(input)) {}
+  aio::Task<bool> read_exact(void* buffer, size_t length) override;
+  aio::Task<bool> write_all(std::span<const iovec> iov) override;
+  void shutdown() override { shut_down_ = true; }
+  const std::string& output() const { return output_; }
+  // Caps the bytes kept in output() (a fuzz input can ask for gigabytes of replies).
+  void set_output_limit(size_t limit) { output_limit_ = limit; }
+
+ private:
+  std::string input_;
+  size_t position_ = 0;
+  std::string output_;
+  size_t output_limit_ = SIZE_MAX;
+  bool shut_down_ = false;
+};
+
+}  // namespace strata::nbd
