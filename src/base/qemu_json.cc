@@ -34,7 +34,9 @@ constexpr std::string_view kVisitOrder[] = {
     "type", "data",
     // ImageInfoSpecificQCow2
     "compat", "data-file", "data-file-raw", "extended-l2", "lazy-refcounts", "corrupt",
-    "refcount-bits", "encrypt", "bitmaps", "compression-type"};
+    "refcount-bits", "encrypt", "bitmaps", "compression-type",
+    // Qcow2BitmapInfo ("name" is listed above)
+    "granularity", "flags"};
 
 size_t visit_rank(std::string_view key) {
   const auto* found = std::find(std::begin(kVisitOrder), std::end(kVisitOrder), key);

@@ -96,6 +96,10 @@ Result<ImageOptions> image_options(const ImageOpenRequest& request) {
     }
   }
   const bool keyval = result.keyval;
+  if (request.no_backing && !keyval && result.options.value("driver", "") == "qcow2" &&
+      !result.options.contains("backing")) {
+    result.options["backing"] = nullptr;
+  }
   set_flag(result.options, "read-only", request.read_only, keyval);
   if (request.force_share) {
     set_flag(result.options, "force-share", true, keyval);

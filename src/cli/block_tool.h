@@ -30,6 +30,7 @@ struct ImageOpenRequest {
   bool discard_unmap = false;    // qemu-io opens with BDRV_O_UNMAP
   bool no_io = false;            // qemu-img info: take no permissions (BDRV_O_NO_IO)
   bool warn_probed_raw = false;  // print QEMU's warning when probing guessed raw on a writable node
+  bool no_backing = false;       // BDRV_O_NO_BACKING: a qcow2 image opens without its backing file
 };
 
 // One opened image: the root node and the edge that holds it.

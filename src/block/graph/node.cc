@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "base/qemu_json.h"
+#include "block/bitmap/dirty_bitmap.h"
 #include "block/graph/graph.h"
 #include "block/io/request.h"
 #include "block/io/request_tracker.h"
@@ -15,7 +16,8 @@ Node::Node(CommonOptions options)
       read_only_(options_.read_only),
       active_(options_.active),
       created_inactive_(!options_.active),
-      requests_(std::make_unique<RequestTracker>()) {}
+      requests_(std::make_unique<RequestTracker>()),
+      dirty_bitmaps_(std::make_unique<bitmap::BitmapSet>()) {}
 
 Node::~Node() {
   if (graph_ != nullptr) {

@@ -27,6 +27,9 @@ class Node;
 class Graph;
 struct DriverOptions;
 struct RequestTracker;
+namespace bitmap {
+class BitmapSet;
+}
 // Debug events for fault injection, defined in block/drivers/blkdebug/events.h.
 enum class BlkdebugEvent : uint8_t;
 
@@ -257,6 +260,9 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
 
   // In-flight request bookkeeping of the request layer (block/io); opaque to drivers.
   RequestTracker& requests() { return *requests_; }
+  // The node's dirty bitmaps (block/bitmap): the request layer marks every write, write-zeroes
+  // and discard in them; format drivers load and store the persistent ones.
+  bitmap::BitmapSet& dirty_bitmaps() const { return *dirty_bitmaps_; }
 
  protected:
   NodeLimits limits_;
@@ -272,6 +278,7 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   Graph* graph_ = nullptr;
   nlohmann::json open_options_;
   std::unique_ptr<RequestTracker> requests_;
+  std::unique_ptr<bitmap::BitmapSet> dirty_bitmaps_;
 };
 
 // QEMU's BLKDBG_EVENT(child, event): announces `event` on the child's node, if there is a child.

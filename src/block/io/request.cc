@@ -10,6 +10,7 @@
 #include <string>
 #include <utility>
 
+#include "block/bitmap/dirty_bitmap.h"
 #include "block/io/bounce_buffer.h"
 #include "block/io/request_internal.h"
 
@@ -126,6 +127,11 @@ aio::Task<Result<void>> driver_preadv(Node& node, uint64_t offset, IoVector qiov
 
 aio::Task<Result<void>> driver_pwritev(Node& node, uint64_t offset, IoVector qiov, uint32_t flags) {
   return driver_transfer(node, &Node::co_pwritev, offset, std::move(qiov), flags);
+}
+
+void write_finished(Node& node, uint64_t offset, uint64_t bytes) {
+  ++node.requests().write_generation;
+  node.dirty_bitmaps().mark_dirty(offset, bytes);
 }
 
 bool is_not_supported(const Error& error) {
@@ -369,7 +375,7 @@ aio::Task<Result<void>> pwritev(Node& node, uint64_t offset, IoVector qiov, uint
     }
     Result<void> result =
         co_await detail::driver_pwritev(node, offset, std::move(qiov), driver_flags);
-    ++tracker.write_generation;
+    detail::write_finished(node, offset, bytes);
     co_return result;
   }
 
@@ -412,7 +418,7 @@ aio::Task<Result<void>> pwritev(Node& node, uint64_t offset, IoVector qiov, uint
     }
     pos += len;
   }
-  ++tracker.write_generation;
+  detail::write_finished(node, offset, bytes);
   co_return result;
 }
 
@@ -497,7 +503,7 @@ aio::Task<Result<void>> pwrite_zeroes(Node& node, uint64_t offset, uint64_t byte
     result = co_await node.co_pwritev(tail_block, range.align,
                                       IoVector(blocks.tail->data(), range.align), write_flags);
   }
-  ++tracker.write_generation;
+  detail::write_finished(node, offset, bytes);
   co_return result;
 }
 

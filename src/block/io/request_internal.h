@@ -46,6 +46,11 @@ uint64_t max_transfer_bytes(const Node& node);
 aio::Task<Result<void>> driver_preadv(Node& node, uint64_t offset, IoVector qiov, uint32_t flags);
 aio::Task<Result<void>> driver_pwritev(Node& node, uint64_t offset, IoVector qiov, uint32_t flags);
 
+// The end of a write, write-zeroes or discard of [offset, offset + bytes), successful or not
+// (QEMU's bdrv_co_write_req_finish): bumps the node's write generation (flush skips nodes not
+// written since their last flush) and marks the range in the node's enabled dirty bitmaps.
+void write_finished(Node& node, uint64_t offset, uint64_t bytes);
+
 // True for an error that means "this driver cannot do that" (ENOTSUP / kUnsupported).
 bool is_not_supported(const Error& error);
 

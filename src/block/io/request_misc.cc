@@ -184,7 +184,7 @@ aio::Task<Result<void>> pdiscard(Node& node, uint64_t offset, uint64_t bytes) {
     }
     pos += num;
   }
-  ++tracker.write_generation;
+  detail::write_finished(node, start, end - start);
   co_return result;
 }
 

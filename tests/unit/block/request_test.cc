@@ -17,6 +17,7 @@
 #include "aio/event_loop.h"
 #include "aio/sync.h"
 #include "aio/task_group.h"
+#include "block/bitmap/dirty_bitmap.h"
 
 namespace strata::block {
 namespace {
@@ -443,6 +444,33 @@ TEST_F(RequestTest, DiscardIsAlignedInwardAndIgnoredWithoutUnmap) {
   discarded = run(io::pdiscard(ignoring, 0, 4096));
   ASSERT_TRUE(discarded);
   EXPECT_TRUE(ignoring.calls.empty());
+}
+
+// ---- dirty bitmaps --------------------------------------------------------------------------
+
+TEST_F(RequestTest, EnabledDirtyBitmapsRecordWritesZeroesAndDiscards) {
+  MemoryNode node(1024 * 1024, limits_for(512));
+  auto& enabled =
+      node.dirty_bitmaps().add(std::make_unique<bitmap::DirtyBitmap>("on", node.length(), 65536));
+  auto& disabled =
+      node.dirty_bitmaps().add(std::make_unique<bitmap::DirtyBitmap>("off", node.length(), 4096));
+  disabled.set_enabled(false);
+
+  std::vector<uint8_t> data(100, 0x5a);
+  ASSERT_TRUE(run(io::pwrite(node, 70000, data.data(), data.size())));  // unaligned: RMW path
+  ASSERT_TRUE(run(io::pwrite_zeroes(node, 300 * 1024, 4096)));
+  ASSERT_TRUE(run(io::pdiscard(node, 512 * 1024, 128 * 1024)));
+  std::vector<uint8_t> read(4096);
+  ASSERT_TRUE(run(io::pread(node, 0, read.data(), read.size())));  // reads dirty nothing
+
+  EXPECT_FALSE(enabled.test(0));
+  EXPECT_TRUE(enabled.test(65536));       // the write at 70000
+  EXPECT_TRUE(enabled.test(256 * 1024));  // write-zeroes at 300 KiB (chunk 4)
+  EXPECT_TRUE(enabled.test(512 * 1024));
+  EXPECT_TRUE(enabled.test(576 * 1024));
+  EXPECT_FALSE(enabled.test(640 * 1024));
+  EXPECT_EQ(enabled.count(), 4u * 65536);
+  EXPECT_EQ(disabled.count(), 0u);
 }
 
 // ---- serialisation -------------------------------------------------------------------------

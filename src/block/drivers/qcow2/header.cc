@@ -249,13 +249,19 @@ Result<Extensions> parse_extensions(const Header& header, std::span<const uint8_
                              std::to_string(kMaxDirectorySize) + ")");
             }
             ext.has_bitmaps = true;
+            ext.nb_bitmaps = nb_bitmaps;
+            ext.bitmap_directory_size = directory_size;
+            ext.bitmap_directory_offset = directory_offset;
             return ok();
           }
           case kExtDataFile:
             ext.data_file = c_string(data);
             return ok();
+          case kExtFeatureTable:
+            return ok();
           default:
-            // The feature name table and unknown extensions carry nothing a reader needs.
+            // Nothing a reader needs, but a header rewrite must keep it.
+            ext.unknown.emplace_back(magic, std::vector<uint8_t>(data.begin(), data.end()));
             return ok();
         }
       });

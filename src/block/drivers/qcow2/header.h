@@ -8,6 +8,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "base/result.h"
 
@@ -53,6 +55,12 @@ struct Extensions {
   std::optional<std::string> backing_format;
   std::optional<std::string> data_file;
   bool has_bitmaps = false;  // a bitmaps extension that is valid (autoclear bit set)
+  uint32_t nb_bitmaps = 0;   // the valid extension's fields (0 without one)
+  uint64_t bitmap_directory_size = 0;
+  uint64_t bitmap_directory_offset = 0;
+  // Extensions strata does not interpret (magic, data), kept for header rewrites as QEMU keeps
+  // them (s->unknown_header_ext). The feature name table is not kept: rewrites regenerate it.
+  std::vector<std::pair<uint32_t, std::vector<uint8_t>>> unknown;
 };
 
 // Checks magic, version and cluster size (the checks that need only the first 112 bytes) and

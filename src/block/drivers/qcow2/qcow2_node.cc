@@ -230,7 +230,12 @@ Result<CacheSizes> compute_cache_sizes(const Header& header, const Qcow2Options&
 // ---- open ----------------------------------------------------------------------------------
 
 Qcow2Node::Qcow2Node(CommonOptions common) : Node(std::move(common)) {}
-Qcow2Node::~Qcow2Node() = default;
+Qcow2Node::~Qcow2Node() {
+  // QEMU's qcow2_close stores the persistent bitmaps of an active node.
+  if (active_ && refcounts_ != nullptr) {
+    (void)store_bitmaps_now(/*release=*/true);
+  }
+}
 
 Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
                                               const BlockdevOptions& options) {
@@ -393,10 +398,32 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   map_ = std::make_unique<ClusterMap>(header_, std::move(l1), data_file_ != nullptr,
                                       caches->l2_slices, caches->l2_slice_bytes);
   pass_discard_request_ = options.pass_discard_request.value_or(true);
-  if (!context.options().read_only) {
-    return prepare_writes(*extensions, caches->refcount_blocks, [&](aio::Task<Result<void>> task) {
-      return reader->run(std::move(task));
-    });
+
+  header_contents_.backing_file = image_backing_file_;
+  header_contents_.backing_format = image_backing_format_;
+  header_contents_.data_file = image_data_file_;
+  header_contents_.nb_bitmaps = extensions->nb_bitmaps;
+  header_contents_.bitmap_directory_size = extensions->bitmap_directory_size;
+  header_contents_.bitmap_directory_offset = extensions->bitmap_directory_offset;
+  header_contents_.unknown_extensions = extensions->unknown;
+  if (header_.version >= 3 && header_.header_length > kHeaderStructSize) {
+    header_contents_.unknown_fields.assign(cluster->begin() + kHeaderStructSize,
+                                           cluster->begin() + header_.header_length);
+  }
+
+  const bool writable = !context.options().read_only;
+  if (writable) {
+    auto prepared =
+        prepare_writes(*extensions, caches->refcount_blocks,
+                       [&](aio::Task<Result<void>> task) { return reader->run(std::move(task)); });
+    if (!prepared) {
+      return prepared;
+    }
+  }
+  // QEMU loads the persistent bitmaps of active nodes only (an inactive one is reloaded when it
+  // is activated).
+  if (context.options().active) {
+    return reader->run(load_bitmaps(writable));
   }
   return ok();
 }
@@ -621,8 +648,18 @@ aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
 }
 
 Result<void> Qcow2Node::on_inactivate() {
+  // QEMU's qcow2_inactivate: a failure to store loses the bitmaps but still inactivates.
+  (void)store_bitmaps_now(/*release=*/true);
   map_->l2_cache().clear();
   return ok();
+}
+
+Result<void> Qcow2Node::on_activate() {
+  auto loop = aio::EventLoop::create(16);
+  if (!loop) {
+    return std::move(loop).error();
+  }
+  return (*loop)->block_on(load_bitmaps(refcounts_ != nullptr && !read_only_));
 }
 
 // ---- info ----------------------------------------------------------------------------------
@@ -695,6 +732,23 @@ nlohmann::json Qcow2Node::format_specific_info() const {
     }
     data["extended-l2"] = header_.extended_l2();
     data["lazy-refcounts"] = (header_.compatible_features & kCompatLazyRefcounts) != 0;
+    if (!bitmap_directory_.empty()) {
+      // Qcow2BitmapInfo: the flags QEMU knows, in its order (in-use, auto).
+      nlohmann::json bitmaps = nlohmann::json::array();
+      for (const auto& entry : bitmap_directory_) {
+        nlohmann::json flags = nlohmann::json::array();
+        if (entry.flags & kBitmapFlagInUse) {
+          flags.push_back("in-use");
+        }
+        if (entry.flags & kBitmapFlagAuto) {
+          flags.push_back("auto");
+        }
+        bitmaps.push_back({{"flags", flags},
+                           {"name", entry.name},
+                           {"granularity", uint64_t{1} << entry.granularity_bits}});
+      }
+      data["bitmaps"] = bitmaps;
+    }
     data["corrupt"] = (header_.incompatible_features & kIncompatCorrupt) != 0;
     data["refcount-bits"] = uint64_t{1} << header_.refcount_order;
     data["compression-type"] = compression;

@@ -2,8 +2,8 @@
 // The qcow2 format driver: opens every image QEMU 10 writes (versions 2 and 3, 512 B to 2 MiB
 // clusters, extended L2, compressed zlib/zstd clusters, zero clusters, external data files,
 // backing chains) and serves reads and block status. Read-write (write.cc) covers images without
-// extended L2, external data file, internal snapshots or persistent bitmaps; the others open
-// read-only only.
+// extended L2, external data file or internal snapshots; the others open read-only only.
+// Persistent dirty bitmaps (bitmaps.cc) are loaded at open and stored back at close.
 //
 // Writes (write.cc): metadata is written through (L2 entries, L1 entries and refcounts reach the
 // file when they change; the caches only save reads), in the order that leaves a crashed image
@@ -28,9 +28,14 @@
 #include <vector>
 
 #include "aio/sync.h"
+#include "block/bitmap/dirty_bitmap.h"
+#include "block/bitmap/persistent_store.h"
 #include "block/drivers/driver.h"
+#include "block/drivers/qcow2/bitmaps.h"
 #include "block/drivers/qcow2/cluster_map.h"
+#include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/header.h"
+#include "block/drivers/qcow2/header_update.h"
 #include "block/drivers/qcow2/refcount.h"
 
 namespace strata::block::qcow2 {
@@ -63,7 +68,7 @@ struct CacheSizes {
 };
 Result<CacheSizes> compute_cache_sizes(const Header& header, const Qcow2Options& options);
 
-class Qcow2Node final : public Node {
+class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
  public:
   static std::unique_ptr<DriverOptions> parse(ArgDecoder& d);
   static Result<std::shared_ptr<Node>> open(OpenContext& context, const BlockdevOptions& options);
@@ -98,7 +103,25 @@ class Qcow2Node final : public Node {
   std::optional<bool> dirty_flag() const override {
     return (header_.incompatible_features & (1ull << 0)) != 0;
   }
+  // Stores the persistent bitmaps and drops them from memory, then the caches.
   Result<void> on_inactivate() override;
+  // Loads the persistent bitmaps again.
+  Result<void> on_activate() override;
+
+  // QEMU's qcow2_change_backing_file: records `backing_file` ("" for none) and `backing_format`
+  // ("" for none) in the header (rewritten and flushed). Fails with EINVAL for a name over 1023
+  // bytes or a backing file on an image with a raw external data file, ENOSPC when the header
+  // cluster is full. The attached backing node does not change. Exclusive lock.
+  aio::Task<Result<void>> change_backing_file(std::string backing_file, std::string backing_format);
+
+  // ---- persistent dirty bitmaps (bitmaps.cc) ----
+  Result<void> can_store_new_bitmap(const std::string& name, uint64_t granularity) override;
+  aio::Task<Result<void>> remove_persistent_bitmap(std::string name) override;
+  // QEMU's qcow2_store_persistent_dirty_bitmaps: writes every persistent, consistent, writable
+  // bitmap of the node (new data clusters, table and directory, then the header; old ones freed
+  // last), keeping the directory entries of bitmaps it does not hold. `release` drops the stored
+  // bitmaps from memory (close, inactivate). Exclusive lock.
+  aio::Task<Result<void>> store_bitmaps(bool release);
 
   const Header& header() const { return header_; }
   // The backing file name stored in the image ("" when none) and its format extension.
@@ -136,6 +159,10 @@ class Qcow2Node final : public Node {
                               const std::function<Result<void>(aio::Task<Result<void>>)>& run);
   aio::Task<Result<void>> load_refcounts(uint64_t cache_blocks);
   aio::Task<Result<void>> clear_autoclear_bits();
+  // The autoclear bits a read-write open keeps: bitmaps while the extension is valid.
+  uint64_t kept_autoclear_bits() const {
+    return header_contents_.nb_bitmaps > 0 ? kAutoclearBitmaps : 0;
+  }
   aio::Task<Result<L2Ref>> l2_ref(uint64_t guest_cluster);
   // Reads guest data without taking lock_ (the caller holds it).
   aio::Task<Result<void>> read_unlocked(uint64_t offset, uint64_t bytes, IoVector qiov);
@@ -166,6 +193,37 @@ class Qcow2Node final : public Node {
   aio::Task<Result<void>> zero_or_discard_clusters(uint64_t offset, uint64_t bytes, bool discard,
                                                    bool unmap);
 
+  // ---- bitmaps (bitmaps.cc) ----
+  // Reads and checks the bitmap directory the header names (empty without bitmaps).
+  aio::Task<Result<std::vector<BitmapDirectoryEntry>>> read_bitmap_directory();
+  aio::Task<Result<std::vector<uint64_t>>> read_bitmap_table(const BitmapDirectoryEntry& entry);
+  // QEMU's qcow2_load_dirty_bitmaps: creates the node's bitmaps from the image; with `writable`
+  // marks the consistent ones IN_USE on disk.
+  aio::Task<Result<void>> load_bitmaps(bool writable);
+  // QEMU's update_ext_header_and_dir_in_place (flags changed, same directory size).
+  aio::Task<Result<void>> rewrite_bitmap_directory_in_place(
+      const std::vector<BitmapDirectoryEntry>& entries);
+  // QEMU's update_ext_header_and_dir: a new directory (none when `entries` is empty), the header
+  // pointing at it, then the old directory freed.
+  aio::Task<Result<void>> replace_bitmap_directory(
+      const std::vector<BitmapDirectoryEntry>& entries);
+  // Writes the dirty parts of `bitmap` to new clusters and its table; sets the entry's table.
+  aio::Task<Result<void>> store_bitmap(BitmapDirectoryEntry& entry,
+                                       const bitmap::DirtyBitmap& dirty);
+  // Frees a bitmap table and the data clusters it references.
+  aio::Task<Result<void>> free_bitmap_clusters(uint64_t table_offset, uint32_t table_size);
+  // Frees the clusters of `entries` newly stored by a failed store_bitmaps.
+  aio::Task<void> free_new_tables(const std::vector<BitmapDirectoryEntry>& entries,
+                                  const std::vector<bool>& stored);
+  // Stores bitmaps outside any coroutine (close, inactivate): on a private loop, reporting
+  // failures on stderr as QEMU's qcow2_inactivate does. Returns whether they were stored.
+  bool store_bitmaps_now(bool release);
+  // ---- header (header_update.cc) ----
+  // QEMU's qcow2_update_header followed by a flush of the file (update_header_sync).
+  aio::Task<Result<void>> rewrite_header();
+  // Durability point for metadata written so far: the node's caches, then the file.
+  aio::Task<Result<void>> flush_metadata();
+
   aio::CoRwLock lock_;
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
@@ -179,6 +237,10 @@ class Qcow2Node final : public Node {
   bool data_file_given_ = false;
   Child* data_file_ = nullptr;
   std::unique_ptr<ClusterMap> map_;
+  // What a header rewrite keeps (backing names, extensions, the bitmaps extension fields).
+  HeaderContents header_contents_;
+  // The bitmap directory as last read or written (what `info` reports).
+  std::vector<BitmapDirectoryEntry> bitmap_directory_;
 };
 
 }  // namespace strata::block::qcow2

@@ -50,7 +50,7 @@ bool writable_in_place(uint64_t entry) {
 // ---- open ----------------------------------------------------------------------------------
 
 Result<void> Qcow2Node::prepare_writes(
-    const Extensions& extensions, uint64_t refcount_cache_blocks,
+    const Extensions& /*extensions*/, uint64_t refcount_cache_blocks,
     const std::function<Result<void>(aio::Task<Result<void>>)>& run) {
   // QEMU refuses these too (qcow2_do_open).
   if (header_.incompatible_features & kIncompatCorrupt) {
@@ -72,9 +72,6 @@ Result<void> Qcow2Node::prepare_writes(
   if (header_.nb_snapshots > 0) {
     return read_only_only("with internal snapshots");
   }
-  if (extensions.has_bitmaps) {
-    return read_only_only("with persistent dirty bitmaps");
-  }
   const uint64_t table_bytes = uint64_t{header_.refcount_table_clusters} << header_.cluster_bits;
   Result<void> valid =
       validate_table(header_.refcount_table_offset, table_bytes / 8, 8, kMaxRefcountTableBytes,
@@ -86,9 +83,10 @@ Result<void> Qcow2Node::prepare_writes(
   if (!loaded) {
     return loaded;
   }
-  if (header_.version >= 3 && header_.autoclear_features != 0) {
+  if (header_.version >= 3 && (header_.autoclear_features & ~kept_autoclear_bits()) != 0) {
     // qcow2.rst: autoclear bits a writer does not understand must be cleared before writing.
-    // The only ones strata knows (bitmaps, data-file-raw) were refused above.
+    // strata keeps the bitmaps bit of a valid bitmaps extension (bitmaps.cc maintains it);
+    // data-file-raw was refused above.
     Result<void> cleared = run(clear_autoclear_bits());
     if (!cleared) {
       return cleared;
@@ -115,8 +113,10 @@ aio::Task<Result<void>> Qcow2Node::load_refcounts(uint64_t cache_blocks) {
 }
 
 aio::Task<Result<void>> Qcow2Node::clear_autoclear_bits() {
-  uint8_t zeroes[8] = {};
-  Result<void> written = co_await io::pwrite(file(), kHeaderAutoclearOffset, zeroes, 8);
+  const uint64_t kept = header_.autoclear_features & kept_autoclear_bits();
+  uint8_t value[8] = {};
+  put_be64(value, kept);
+  Result<void> written = co_await io::pwrite(file(), kHeaderAutoclearOffset, value, 8);
   if (!written) {
     co_return written.error().with_prefix("Could not update qcow2 header");
   }
@@ -124,7 +124,7 @@ aio::Task<Result<void>> Qcow2Node::clear_autoclear_bits() {
   if (!flushed) {
     co_return flushed;
   }
-  header_.autoclear_features = 0;
+  header_.autoclear_features = kept;
   co_return ok();
 }
 
