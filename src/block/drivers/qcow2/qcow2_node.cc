@@ -328,7 +328,6 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
 
   // External data file.
   const bool has_data_file_bit = (header_.incompatible_features & kIncompatDataFile) != 0;
-  data_file_given_ = options.data_file.has_value();
   if (has_data_file_bit) {
     if (options.data_file) {
       auto attached = context.attach(*this, *options.data_file, "data-file", kRoleData);
@@ -628,9 +627,10 @@ Result<void> Qcow2Node::on_inactivate() {
 // ---- info ----------------------------------------------------------------------------------
 
 std::optional<std::string> Qcow2Node::exact_filename() const {
-  // QEMU's bdrv_refresh_filename: a plain filename only when nothing but the file defines what
-  // the node reads.
-  if (backing_overridden_ || data_file_given_) {
+  // QEMU's bdrv_refresh_filename: a plain filename unless the backing file is overridden. A
+  // data-file option does not change it (qemu-storage-daemon 10.0.2 reports the image file's
+  // name whichever data-file node is given).
+  if (backing_overridden_) {
     return std::nullopt;
   }
   return file().exact_filename();

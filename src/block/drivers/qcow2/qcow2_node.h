@@ -176,7 +176,6 @@ class Qcow2Node final : public Node {
   std::string image_backing_format_;
   std::optional<std::string> image_data_file_;
   bool backing_overridden_ = false;
-  bool data_file_given_ = false;
   Child* data_file_ = nullptr;
   std::unique_ptr<ClusterMap> map_;
 };
