@@ -306,13 +306,18 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   if (!caches) {
     return std::move(caches).error();
   }
-  if (options.cache_clean_interval && *options.cache_clean_interval > int64_t{UINT32_MAX}) {
+  // QEMU reads the interval as an unsigned number: a negative one wraps and is too big.
+  if (options.cache_clean_interval &&
+      (*options.cache_clean_interval < 0 || *options.cache_clean_interval > int64_t{UINT32_MAX})) {
     return invalid("Cache clean interval too big");
   }
   if (options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0) &&
       header_.version < 3) {
     return invalid(
         "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level");
+  }
+  if (options.discard_no_unref.value_or(false) && header_.version < 3) {
+    return invalid("discard-no-unref is only supported since qcow2 version 3");
   }
   if (options.has_encrypt && options.encrypt_format) {
     return invalid("No encryption in image header, but options specified format '" +
@@ -326,15 +331,19 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   image_backing_format_ = extensions->backing_format.value_or("");
   image_data_file_ = extensions->data_file;
 
-  // External data file.
+  // External data file. As QEMU's qcow2_do_open, a given data-file is opened before the image
+  // says whether it has one, so its own errors come first.
   const bool has_data_file_bit = (header_.incompatible_features & kIncompatDataFile) != 0;
+  if (options.data_file) {
+    auto attached = context.attach(*this, *options.data_file, "data-file", kRoleData);
+    if (!attached) {
+      return std::move(attached).error();
+    }
+    data_file_ = *attached;
+  }
   if (has_data_file_bit) {
-    if (options.data_file) {
-      auto attached = context.attach(*this, *options.data_file, "data-file", kRoleData);
-      if (!attached) {
-        return std::move(attached).error();
-      }
-      data_file_ = *attached;
+    if (data_file_ != nullptr) {
+      // Given as an option and opened above.
     } else if (image_data_file_) {
       // QEMU opens the stored name as given (relative names are relative to the working
       // directory, not to the image), and only ever as a plain local file.
