@@ -131,3 +131,15 @@ def test_qcow2_small_cluster_options_same_as_qsd(pair):
         {"l2-cache-entry-size": 512, "l2-cache-size": 4096},
         {"cache-size": 16384},
     ])
+
+
+def test_qcow2_encrypted_image_refused_as_qsd(pair):
+    """Neither daemon has the secret: both refuse a LUKS image with QEMU's messages."""
+    run_option_sets(pair, ["--object", "secret,id=sec0,data=123", "-o",
+                           "encrypt.format=luks,encrypt.key-secret=sec0"], [
+        {},
+        {"read-only": True},
+        {"encrypt": {"format": "luks"}},
+        {"encrypt": {"format": "luks", "key-secret": "sec0"}},
+        {"encrypt": {"format": "aes", "key-secret": "sec0"}},
+    ])

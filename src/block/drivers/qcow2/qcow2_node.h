@@ -52,6 +52,7 @@ struct Qcow2Options : DriverOptions {
   std::optional<int64_t> cache_clean_interval;
   bool has_encrypt = false;
   std::optional<std::string> encrypt_format;
+  std::optional<std::string> encrypt_key_secret;
   std::optional<BlockdevRef> data_file;
 };
 
