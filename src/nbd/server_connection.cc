@@ -876,15 +876,20 @@ aio::Task<void> ServerConnection::do_read(Request& request) {
   while (done < length) {
     uint64_t run_length = length - done;
     bool hole = false;
-    if (sparse) {
+    if (sparse && !export_->data_hint_covers(request.offset + done, length - done)) {
+      // Asks up to the end of the export: a long data run becomes the hint for later reads.
+      const uint64_t position = request.offset + done;
       Result<AllocationRun> status =
-          co_await allocation_status(node, request.offset + done, length - done);
+          co_await allocation_status(node, position, export_->size() - position);
       if (!status) {
         co_await send_error(request, error_of(status.error()), status.error().message());
         co_return;
       }
       run_length = std::min(status->bytes, length - done);
       hole = status->zero;
+      if (!hole) {
+        export_->set_data_hint(request.offset + done, request.offset + done + status->bytes);
+      }
     }
     if (!runs.empty() && runs.back().hole == hole) {
       runs.back().length += run_length;
