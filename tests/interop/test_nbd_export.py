@@ -5,14 +5,17 @@ Raw-socket scenarios use nbd_raw.RawNBD so the bytes on the wire are exactly the
 """
 
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
 import pytest
 
 import nbd_raw
+from conftest import _resolve_impl
 from nbd_raw import RawNBD
 
 SIZE = 64 << 20
@@ -500,3 +503,44 @@ def test_stop_start_race_with_listing_clients(daemon):
         for t in threads:
             t.join()
     alive(d, sock)
+
+
+# ---- the embedded default of `strata daemon` ------------------------------------------------
+
+def test_strata_default_exports_disk(workdir):
+    """`strata daemon` without options exports node 'disk' over strata-data/nbd.sock (and
+    127.0.0.1:10809 when that port is free)."""
+    impl = _resolve_impl("strata")
+    proc = subprocess.Popen(impl.argv, cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sock = os.path.join(workdir, "strata-data", "nbd.sock")
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no NBD socket"
+            time.sleep(0.05)
+        c = RawNBD(sock)
+        size, flags, _ = c.connect("disk")
+        assert size == 1 << 30
+        assert not flags & nbd_raw.TFLAG_READ_ONLY
+        assert c.write(0, b"d" * 4096) == 0
+        assert c.read(0, 4096) == (0, b"d" * 4096)
+        c.close()
+        tcp_listening = True
+        try:
+            probe = socket.create_connection(("127.0.0.1", 10809), timeout=2)
+            probe.close()
+        except OSError:
+            tcp_listening = False
+        if tcp_listening:
+            c = RawNBD(address=("127.0.0.1", 10809))
+            size, _flags, _ = c.connect("disk")
+            assert size == 1 << 30
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "nbd+unix:///disk?socket=strata-data/nbd.sock" in out
+    assert "AddressSanitizer" not in err
