@@ -544,3 +544,39 @@ def test_strata_default_exports_disk(workdir):
     assert proc.returncode == 0, err
     assert "nbd+unix:///disk?socket=strata-data/nbd.sock" in out
     assert "AddressSanitizer" not in err
+
+
+def test_extended_headers(daemon):
+    d, sock = start(daemon)
+    c = RawNBD(sock)
+    c.greeting()
+    assert c.extended_headers()[-1][0] == nbd_raw.REP_ACK
+    r = c.option(nbd_raw.OPT_STRUCTURED_REPLY)
+    assert r[-1] == (nbd_raw.REP_ERR | 10, b"extended headers already negotiated")
+    contexts, _ = c.set_meta("disk", ["base:allocation"])
+    assert contexts == {"base:allocation": 0}
+    _size, flags, _ = c.go("disk")
+    assert flags & (1 << 12)  # NBD_FLAG_BLOCK_STAT_PAYLOAD
+    assert c.write(65536, b"x" * 4096) == 0
+    err, data = c.read(65536, 8192)
+    assert err == 0 and data == b"x" * 4096 + b"\0" * 4096
+    c.send_request(nbd_raw.CMD_BLOCK_STATUS, 0, 1 << 20)
+    err, chunks = c.recv_simple_or_chunks()
+    assert err == 0 and len(chunks) == 1
+    ctype, cflags, payload = chunks[0]
+    assert ctype == 6 and cflags & nbd_raw.REPLY_FLAG_DONE  # BLOCK_STATUS_EXT
+    cid, count = struct.unpack(">II", payload[:8])
+    ext = [struct.unpack(">QQ", payload[8 + 16 * i:24 + 16 * i]) for i in range(count)]
+    assert cid == 0 and len(payload) == 8 + 16 * count
+    assert ext[0] == (65536, 3)
+    assert sum(length for length, _ in ext) <= 1 << 20
+    # block status with a payload naming the context
+    c.send_request(nbd_raw.CMD_BLOCK_STATUS, 0, 12, 32 | nbd_raw.FLAG_REQ_ONE,
+                   struct.pack(">QI", 65536, 0))
+    err, chunks = c.recv_simple_or_chunks()
+    assert err == 0
+    cid, count = struct.unpack(">II", chunks[0][2][:8])
+    assert (cid, count) == (0, 1)
+    assert struct.unpack(">QQ", chunks[0][2][8:24]) == (65536, 3)
+    assert c.command(nbd_raw.CMD_FLUSH) == 0
+    c.close()
