@@ -114,6 +114,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // cluster is full. The attached backing node does not change. Exclusive lock.
   aio::Task<Result<void>> change_backing_file(std::string backing_file, std::string backing_format);
 
+  // QEMU's qcow2_make_empty (the general path, discard with full_discard): every L2 entry becomes
+  // 0, so the whole image reads from its backing file (or as zeroes). Each L2 table's entries are
+  // cleared and flushed before the clusters they used are released. Exclusive lock.
+  aio::Task<Result<void>> make_empty();
+
   // ---- persistent dirty bitmaps (bitmaps.cc) ----
   Result<void> can_store_new_bitmap(const std::string& name, uint64_t granularity) override;
   aio::Task<Result<void>> remove_persistent_bitmap(std::string name) override;
