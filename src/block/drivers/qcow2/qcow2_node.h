@@ -119,6 +119,16 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // cleared and flushed before the clusters they used are released. Exclusive lock.
   aio::Task<Result<void>> make_empty();
 
+  // QEMU's qcow2_amend_options for what strata supports (amend.cc): each member set asks for a
+  // change. Upgrades happen first, downgrades (zero clusters expanded, compatible and autoclear
+  // features dropped) last, with QEMU's checks and messages. Exclusive lock.
+  struct AmendOptions {
+    std::optional<uint32_t> version;  // 2 (compat=0.10) or 3 (compat=1.1)
+    std::optional<bool> lazy_refcounts;
+    std::optional<uint64_t> refcount_bits;
+  };
+  aio::Task<Result<void>> amend(AmendOptions options);
+
   // ---- persistent dirty bitmaps (bitmaps.cc) ----
   Result<void> can_store_new_bitmap(const std::string& name, uint64_t granularity) override;
   aio::Task<Result<void>> remove_persistent_bitmap(std::string name) override;
@@ -228,6 +238,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::Task<Result<void>> rewrite_header();
   // Durability point for metadata written so far: the node's caches, then the file.
   aio::Task<Result<void>> flush_metadata();
+  // ---- amend (amend.cc) ----
+  // QEMU's qcow2_expand_zero_clusters for the active L1 table: zero clusters become unallocated
+  // (no backing file) or allocated clusters filled with zeroes.
+  aio::Task<Result<void>> expand_zero_clusters();
 
   aio::CoRwLock lock_;
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
