@@ -318,6 +318,8 @@ constexpr const char kImgUsage[] =
     "  bitmap   (--add [-g SIZE] | --remove | --clear | --enable | --disable |\n"
     "           --merge SOURCE [-b SRC_FILE [-F SRC_FMT]])... [-f FMT] [--image-opts] FILE BITMAP\n"
     "  rebase   [-f FMT] [-F BACKING_FMT] (-b BACKING | -u [-b BACKING]) [-p] [-q] [-U] FILE\n"
+    "  commit   [-f FMT] [-b BASE] [-d] [-p] [-q] FILE\n"
+    "  amend    [-f FMT] [-p] [-q] [--image-opts] -o compat=..,lazy_refcounts=.. FILE\n"
     "\n"
     "See docs/img.md for what is supported.\n";
 
@@ -340,7 +342,8 @@ int img_main(int argc, char** argv) {
   static const Entry kEntries[] = {
       {"info", img::info_main},       {"map", img::map_main},       {"compare", img::compare_main},
       {"convert", img::convert_main}, {"create", img::create_main}, {"check", img::check_main},
-      {"bitmap", img::bitmap_main},   {"rebase", img::rebase_main},
+      {"bitmap", img::bitmap_main},   {"rebase", img::rebase_main}, {"commit", img::commit_main},
+      {"amend", img::amend_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

@@ -173,8 +173,16 @@ aio::Task<Result<void>> create_qcow2(block::Graph& graph, Qcow2Request request) 
     }
   }
   if (result && data_root) {
-    // A raw data file holds the guest data at its own offsets: it is as large as the disk.
-    result = co_await block::io::truncate(*data_file, (options.size + 511) & ~uint64_t{511}, false);
+    // A raw data file holds the guest data at its own offsets. QEMU's metadata preallocation
+    // extends it to the disk's end by writing the last sector, which allocates that block.
+    const uint64_t end = options.size;
+    if (end > 0 && data_file->length() < end) {
+      result = co_await block::io::truncate(*data_file, end, false);
+      if (result) {
+        std::vector<uint8_t> sector(512, 0);
+        result = co_await block::io::pwrite(*data_file, end - 512, sector.data(), sector.size());
+      }
+    }
   }
   if (data_root) {
     graph.detach_root(std::move(data_root));

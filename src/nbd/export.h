@@ -56,6 +56,19 @@ class Export : public block::BlockParent {
   void set_root(std::unique_ptr<block::Child> root) { root_ = std::move(root); }
   std::unique_ptr<block::Child> take_root() { return std::move(root_); }
 
+  // A range recently found to hold data (not known zero) in the node, [start, end). READ uses it
+  // to skip block status: answering a range that has since become a hole with a data chunk is
+  // still correct (the bytes read are zeroes), so the hint never needs invalidating. Block status
+  // replies never use it.
+  bool data_hint_covers(uint64_t offset, uint64_t length) const {
+    return offset >= data_hint_start_ && length <= data_hint_end_ - offset &&
+           offset < data_hint_end_;
+  }
+  void set_data_hint(uint64_t start, uint64_t end) {
+    data_hint_start_ = start;
+    data_hint_end_ = end;
+  }
+
   // Connection bookkeeping: a connection registers when it selects the export and leaves when it
   // has finished every request.
   bool shutting_down() const { return shutting_down_; }
@@ -75,6 +88,8 @@ class Export : public block::BlockParent {
   std::vector<Closable*> connections_;
   bool shutting_down_ = false;
   aio::Event idle_;
+  uint64_t data_hint_start_ = 0;
+  uint64_t data_hint_end_ = 0;
 };
 
 // How a connection finds exports by name (the server's export table).

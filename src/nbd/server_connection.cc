@@ -27,17 +27,6 @@ std::string sanitize_name(std::string_view name) {
   return std::string(name);
 }
 
-// Payload buffer aligned for O_DIRECT nodes, so the request layer need not bounce.
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<char, FreeDeleter>;
-
-Buffer allocate_buffer(uint64_t length) {
-  size_t rounded = static_cast<size_t>((std::max<uint64_t>(length, 1) + 4095) & ~uint64_t{4095});
-  return Buffer(static_cast<char*>(std::aligned_alloc(4096, rounded)));
-}
-
 uint32_t error_of(const Error& error) {
   return wire_error(error.has_errno() ? error.errno_value() : EIO);
 }
@@ -49,8 +38,8 @@ struct ServerConnection::Request {
   uint16_t type = 0;
   uint64_t cookie = 0;
   uint64_t offset = 0;
-  uint64_t length = 0;  // the effect length (for BLOCK_STATUS with a payload, from the payload)
-  Buffer data;          // WRITE payload, READ destination
+  uint64_t length = 0;      // the effect length (for BLOCK_STATUS with a payload, from the payload)
+  BufferPool::Buffer data;  // WRITE payload, READ destination
   uint64_t buffered = 0;
   std::vector<uint32_t> contexts;  // BLOCK_STATUS: the context ids asked for
 };
@@ -244,7 +233,7 @@ aio::Task<ServerConnection::OptionResult> ServerConnection::handle_option(uint32
         co_return reply_ok(co_await send_option_error(option, kRepErrInvalid, unexpected_length()));
       }
       if (mode_ == Mode::kExtended) {
-        co_return reply_ok(co_await send_option_error(option, kRepErrInvalid,
+        co_return reply_ok(co_await send_option_error(option, kRepErrExtHeaderReqd,
                                                       "extended headers already negotiated"));
       }
       if (mode_ == Mode::kStructured) {
@@ -591,7 +580,7 @@ aio::Task<void> ServerConnection::transmission() {
       }
     }
     if (problem.empty() && type == kCmdWrite) {
-      request->data = allocate_buffer(request->length);
+      request->data = buffers_.acquire(request->length);
       if (!request->data) {
         problem = "No memory";
         problem_error = kEnomem;
@@ -857,7 +846,7 @@ aio::Task<void> ServerConnection::send_result(const Request& request, const Resu
 aio::Task<void> ServerConnection::do_read(Request& request) {
   block::Node& node = export_->node();
   const uint64_t length = request.length;
-  request.data = allocate_buffer(length);
+  request.data = buffers_.acquire(length);
   if (!request.data) {
     co_await send_error(request, kEnomem, "No memory");
     co_return;
@@ -876,15 +865,20 @@ aio::Task<void> ServerConnection::do_read(Request& request) {
   while (done < length) {
     uint64_t run_length = length - done;
     bool hole = false;
-    if (sparse) {
+    if (sparse && !export_->data_hint_covers(request.offset + done, length - done)) {
+      // Asks up to the end of the export: a long data run becomes the hint for later reads.
+      const uint64_t position = request.offset + done;
       Result<AllocationRun> status =
-          co_await allocation_status(node, request.offset + done, length - done);
+          co_await allocation_status(node, position, export_->size() - position);
       if (!status) {
         co_await send_error(request, error_of(status.error()), status.error().message());
         co_return;
       }
       run_length = std::min(status->bytes, length - done);
       hole = status->zero;
+      if (!hole) {
+        export_->set_data_hint(request.offset + done, request.offset + done + status->bytes);
+      }
     }
     if (!runs.empty() && runs.back().hole == hole) {
       runs.back().length += run_length;

@@ -24,6 +24,7 @@
 #include "aio/sync.h"
 #include "aio/task.h"
 #include "aio/task_group.h"
+#include "nbd/buffer_pool.h"
 #include "nbd/export.h"
 #include "nbd/transport.h"
 
@@ -98,6 +99,7 @@ class ServerConnection final : public Closable {
   bool registered_ = false;
 
   aio::CoMutex send_lock_;
+  BufferPool buffers_;  // before requests_: request frames return their buffers to it
   aio::TaskGroup requests_;
   size_t in_flight_ = 0;
   uint64_t in_flight_bytes_ = 0;

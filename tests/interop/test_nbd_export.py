@@ -5,14 +5,17 @@ Raw-socket scenarios use nbd_raw.RawNBD so the bytes on the wire are exactly the
 """
 
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
 import pytest
 
 import nbd_raw
+from conftest import _resolve_impl
 from nbd_raw import RawNBD
 
 SIZE = 64 << 20
@@ -500,3 +503,80 @@ def test_stop_start_race_with_listing_clients(daemon):
         for t in threads:
             t.join()
     alive(d, sock)
+
+
+# ---- the embedded default of `strata daemon` ------------------------------------------------
+
+def test_strata_default_exports_disk(workdir):
+    """`strata daemon` without options exports node 'disk' over strata-data/nbd.sock (and
+    127.0.0.1:10809 when that port is free)."""
+    impl = _resolve_impl("strata")
+    proc = subprocess.Popen(impl.argv, cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sock = os.path.join(workdir, "strata-data", "nbd.sock")
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no NBD socket"
+            time.sleep(0.05)
+        c = RawNBD(sock)
+        size, flags, _ = c.connect("disk")
+        assert size == 1 << 30
+        assert not flags & nbd_raw.TFLAG_READ_ONLY
+        assert c.write(0, b"d" * 4096) == 0
+        assert c.read(0, 4096) == (0, b"d" * 4096)
+        c.close()
+        tcp_listening = True
+        try:
+            probe = socket.create_connection(("127.0.0.1", 10809), timeout=2)
+            probe.close()
+        except OSError:
+            tcp_listening = False
+        if tcp_listening:
+            c = RawNBD(address=("127.0.0.1", 10809))
+            size, _flags, _ = c.connect("disk")
+            assert size == 1 << 30
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "nbd+unix:///disk?socket=strata-data/nbd.sock" in out
+    assert "AddressSanitizer" not in err
+
+
+def test_extended_headers(daemon):
+    d, sock = start(daemon)
+    c = RawNBD(sock)
+    c.greeting()
+    assert c.extended_headers()[-1][0] == nbd_raw.REP_ACK
+    r = c.option(nbd_raw.OPT_STRUCTURED_REPLY)
+    assert r[-1] == (nbd_raw.REP_ERR | 10, b"extended headers already negotiated")
+    contexts, _ = c.set_meta("disk", ["base:allocation"])
+    assert contexts == {"base:allocation": 0}
+    _size, flags, _ = c.go("disk")
+    assert flags & (1 << 12)  # NBD_FLAG_BLOCK_STAT_PAYLOAD
+    assert c.write(65536, b"x" * 4096) == 0
+    err, data = c.read(65536, 8192)
+    assert err == 0 and data == b"x" * 4096 + b"\0" * 4096
+    c.send_request(nbd_raw.CMD_BLOCK_STATUS, 0, 1 << 20)
+    err, chunks = c.recv_simple_or_chunks()
+    assert err == 0 and len(chunks) == 1
+    ctype, cflags, payload = chunks[0]
+    assert ctype == 6 and cflags & nbd_raw.REPLY_FLAG_DONE  # BLOCK_STATUS_EXT
+    cid, count = struct.unpack(">II", payload[:8])
+    ext = [struct.unpack(">QQ", payload[8 + 16 * i:24 + 16 * i]) for i in range(count)]
+    assert cid == 0 and len(payload) == 8 + 16 * count
+    assert ext[0] == (65536, 3)
+    assert sum(length for length, _ in ext) <= 1 << 20
+    # block status with a payload naming the context
+    c.send_request(nbd_raw.CMD_BLOCK_STATUS, 0, 12, 32 | nbd_raw.FLAG_REQ_ONE,
+                   struct.pack(">QI", 65536, 0))
+    err, chunks = c.recv_simple_or_chunks()
+    assert err == 0
+    cid, count = struct.unpack(">II", chunks[0][2][:8])
+    assert (cid, count) == (0, 1)
+    assert struct.unpack(">QQ", chunks[0][2][8:24]) == (65536, 3)
+    assert c.command(nbd_raw.CMD_FLUSH) == 0
+    c.close()

@@ -545,9 +545,13 @@ TEST_F(Qcow2WriteTest, RefusesReadWriteForUnsupportedImages) {
   EXPECT_EQ(error("snap.qcow2"),
             "qcow2 images with internal snapshots can only be opened read-only in this version "
             "of strata (set read-only=on)");
-  EXPECT_EQ(error("bitmap.qcow2"),
-            "qcow2 images with persistent dirty bitmaps can only be opened read-only in this "
-            "version of strata (set read-only=on)");
+  // Persistent bitmaps are loaded and stored back: the image opens read-write, and once closed
+  // QEMU finds it clean with the bitmap no longer in use.
+  EXPECT_EQ(error("bitmap.qcow2"), "");
+  EXPECT_EQ(sh("qemu-img check -q bitmap.qcow2 && "
+               "! (qemu-img info --output=json bitmap.qcow2 | grep -q in-use) && "
+               "qemu-img info --output=json bitmap.qcow2 | grep -q '\"auto\"'"),
+            0);
   // A dirty image (lazy refcounts, killed writer) is refused, not silently written.
   ASSERT_EQ(sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on dirty.qcow2 1M && "
                "(qemu-io -f qcow2 -c 'write 0 512' -c 'sigraise 9' dirty.qcow2 || true)"),

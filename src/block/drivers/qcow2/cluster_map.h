@@ -52,6 +52,8 @@ class ClusterMap {
   aio::Task<Result<Mapping>> map(Node& file, uint64_t offset, uint64_t bytes);
 
   const std::vector<uint64_t>& l1() const { return l1_; }
+  // After `strata img amend` changed the image's version (zero flags are valid from version 3).
+  void set_version(uint32_t version) { version_ = version; }
   // ---- writer support (the caller holds the node's exclusive lock) ----
   // The in-memory L1 entry (0 past the entries read from the file).
   uint64_t l1_entry(uint64_t index) const { return index < l1_.size() ? l1_[index] : 0; }

@@ -85,6 +85,30 @@ Result<std::string> resolve_image_relative(const Node& file, const std::string& 
   return dirname_of(*base) + name;
 }
 
+// An encrypted image (AES or LUKS crypt_method) cannot be opened: strata implements no
+// encryption and has no `secret` objects. The refusal is QEMU's own for what it would lack:
+// a format that contradicts the header, no key-secret, or a key-secret naming no secret object.
+std::optional<Error> refuse_encrypted_image(const std::vector<uint8_t>& cluster,
+                                            const Qcow2Options& options) {
+  if (cluster.size() < 36) {
+    return std::nullopt;
+  }
+  const uint32_t method = (uint32_t{cluster[32]} << 24) | (uint32_t{cluster[33]} << 16) |
+                          (uint32_t{cluster[34]} << 8) | uint32_t{cluster[35]};
+  if (method != kCryptAes && method != kCryptLuks) {
+    return std::nullopt;
+  }
+  const std::string header_format = method == kCryptLuks ? "luks" : "aes";
+  if (options.encrypt_format && *options.encrypt_format != header_format) {
+    return invalid("Header reported '" + header_format + "' encryption format but options " +
+                   "specify '" + *options.encrypt_format + "'");
+  }
+  if (!options.encrypt_key_secret) {
+    return invalid("Parameter 'encrypt.key-secret' is required for cipher");
+  }
+  return invalid("No secret with id '" + *options.encrypt_key_secret + "'");
+}
+
 // Opens a child given only as a local path with driver `driver` ("file", or a format over a file).
 Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string& driver,
                            const std::string& path, const std::string& child_name, uint32_t role) {
@@ -158,7 +182,7 @@ std::unique_ptr<DriverOptions> Qcow2Node::parse(ArgDecoder& d) {
   if (auto encrypt = d.opt_object("encrypt")) {
     options->has_encrypt = true;
     options->encrypt_format = encrypt->enumeration("format", kEncryptFormats);
-    (void)encrypt->opt_str("key-secret");
+    options->encrypt_key_secret = encrypt->opt_str("key-secret");
     ignore_error(encrypt->finish(), "recorded in the shared decoder state");
   }
   options->data_file = parse_blockdev_ref(d, "data-file", false);
@@ -278,6 +302,9 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   }
   auto header = parse_header(*cluster);
   if (!header) {
+    if (auto refused = refuse_encrypted_image(*cluster, options)) {
+      return std::move(*refused);
+    }
     return std::move(header).error();
   }
   header_ = *header;
@@ -311,13 +338,18 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   if (!caches) {
     return std::move(caches).error();
   }
-  if (options.cache_clean_interval && *options.cache_clean_interval > int64_t{UINT32_MAX}) {
+  // QEMU reads the interval as an unsigned number: a negative one wraps and is too big.
+  if (options.cache_clean_interval &&
+      (*options.cache_clean_interval < 0 || *options.cache_clean_interval > int64_t{UINT32_MAX})) {
     return invalid("Cache clean interval too big");
   }
   if (options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0) &&
       header_.version < 3) {
     return invalid(
         "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level");
+  }
+  if (options.discard_no_unref.value_or(false) && header_.version < 3) {
+    return invalid("discard-no-unref is only supported since qcow2 version 3");
   }
   if (options.has_encrypt && options.encrypt_format) {
     return invalid("No encryption in image header, but options specified format '" +
@@ -331,16 +363,19 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   image_backing_format_ = extensions->backing_format.value_or("");
   image_data_file_ = extensions->data_file;
 
-  // External data file.
+  // External data file. As QEMU's qcow2_do_open, a given data-file is opened before the image
+  // says whether it has one, so its own errors come first.
   const bool has_data_file_bit = (header_.incompatible_features & kIncompatDataFile) != 0;
-  data_file_given_ = options.data_file.has_value();
+  if (options.data_file) {
+    auto attached = context.attach(*this, *options.data_file, "data-file", kRoleData);
+    if (!attached) {
+      return std::move(attached).error();
+    }
+    data_file_ = *attached;
+  }
   if (has_data_file_bit) {
-    if (options.data_file) {
-      auto attached = context.attach(*this, *options.data_file, "data-file", kRoleData);
-      if (!attached) {
-        return std::move(attached).error();
-      }
-      data_file_ = *attached;
+    if (data_file_ != nullptr) {
+      // Given as an option and opened above.
     } else if (image_data_file_) {
       // QEMU opens the stored name as given (relative names are relative to the working
       // directory, not to the image), and only ever as a plain local file.
@@ -665,9 +700,10 @@ Result<void> Qcow2Node::on_activate() {
 // ---- info ----------------------------------------------------------------------------------
 
 std::optional<std::string> Qcow2Node::exact_filename() const {
-  // QEMU's bdrv_refresh_filename: a plain filename only when nothing but the file defines what
-  // the node reads.
-  if (backing_overridden_ || data_file_given_) {
+  // QEMU's bdrv_refresh_filename: a plain filename unless the backing file is overridden. A
+  // data-file option does not change it (qemu-storage-daemon 10.0.2 reports the image file's
+  // name whichever data-file node is given).
+  if (backing_overridden_) {
     return std::nullopt;
   }
   return file().exact_filename();

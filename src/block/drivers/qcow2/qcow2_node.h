@@ -57,6 +57,7 @@ struct Qcow2Options : DriverOptions {
   std::optional<int64_t> cache_clean_interval;
   bool has_encrypt = false;
   std::optional<std::string> encrypt_format;
+  std::optional<std::string> encrypt_key_secret;
   std::optional<BlockdevRef> data_file;
 };
 
@@ -113,6 +114,21 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // bytes or a backing file on an image with a raw external data file, ENOSPC when the header
   // cluster is full. The attached backing node does not change. Exclusive lock.
   aio::Task<Result<void>> change_backing_file(std::string backing_file, std::string backing_format);
+
+  // QEMU's qcow2_make_empty (the general path, discard with full_discard): every L2 entry becomes
+  // 0, so the whole image reads from its backing file (or as zeroes). Each L2 table's entries are
+  // cleared and flushed before the clusters they used are released. Exclusive lock.
+  aio::Task<Result<void>> make_empty();
+
+  // QEMU's qcow2_amend_options for what strata supports (amend.cc): each member set asks for a
+  // change. Upgrades happen first, downgrades (zero clusters expanded, compatible and autoclear
+  // features dropped) last, with QEMU's checks and messages. Exclusive lock.
+  struct AmendOptions {
+    std::optional<uint32_t> version;  // 2 (compat=0.10) or 3 (compat=1.1)
+    std::optional<bool> lazy_refcounts;
+    std::optional<uint64_t> refcount_bits;
+  };
+  aio::Task<Result<void>> amend(AmendOptions options);
 
   // ---- persistent dirty bitmaps (bitmaps.cc) ----
   Result<void> can_store_new_bitmap(const std::string& name, uint64_t granularity) override;
@@ -223,6 +239,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::Task<Result<void>> rewrite_header();
   // Durability point for metadata written so far: the node's caches, then the file.
   aio::Task<Result<void>> flush_metadata();
+  // ---- amend (amend.cc) ----
+  // QEMU's qcow2_expand_zero_clusters for the active L1 table: zero clusters become unallocated
+  // (no backing file) or allocated clusters filled with zeroes.
+  aio::Task<Result<void>> expand_zero_clusters();
 
   aio::CoRwLock lock_;
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
@@ -234,7 +254,6 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   std::string image_backing_format_;
   std::optional<std::string> image_data_file_;
   bool backing_overridden_ = false;
-  bool data_file_given_ = false;
   Child* data_file_ = nullptr;
   std::unique_ptr<ClusterMap> map_;
   // What a header rewrite keeps (backing names, extensions, the bitmaps extension fields).
