@@ -230,7 +230,10 @@ Result<CacheSizes> compute_cache_sizes(const Header& header, const Qcow2Options&
 // ---- open ----------------------------------------------------------------------------------
 
 Qcow2Node::Qcow2Node(CommonOptions common) : Node(std::move(common)) {}
-Qcow2Node::~Qcow2Node() = default;
+Qcow2Node::~Qcow2Node() {
+  // QEMU's qcow2_close: dirty metadata reaches the file (an error can only be reported).
+  ignore_error(write_back_now(), "closing a qcow2 node cannot fail");
+}
 
 Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
                                               const BlockdevOptions& options) {
@@ -618,11 +621,6 @@ aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint6
 
 aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
   co_return Error(ErrorKind::kUnsupported, "strata cannot resize qcow2 images yet", ENOTSUP);
-}
-
-Result<void> Qcow2Node::on_inactivate() {
-  map_->l2_cache().clear();
-  return ok();
 }
 
 // ---- info ----------------------------------------------------------------------------------
