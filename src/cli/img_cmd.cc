@@ -314,6 +314,9 @@ constexpr const char kImgUsage[] =
     "           [-U] [--image-opts] SRC DST\n"
     "  create   [-f raw|qcow2] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]\n"
     "  check    [-f FMT] [--output=human|json] [-q] [-U] [--image-opts] FILE\n"
+    "  bench    [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE]\n"
+    "           [-S STEP_SIZE] [-i AIO] [-n] [-U] [-q] [-w [--pattern PATTERN]\n"
+    "           [--flush-interval INTERVAL [--no-drain]]] FILE\n"
     "\n"
     "See docs/img.md for what is supported.\n";
 
@@ -336,6 +339,7 @@ int img_main(int argc, char** argv) {
   static const Entry kEntries[] = {
       {"info", img::info_main},       {"map", img::map_main},       {"compare", img::compare_main},
       {"convert", img::convert_main}, {"create", img::create_main}, {"check", img::check_main},
+      {"bench", img::bench_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

@@ -50,6 +50,7 @@ int compare_main(int argc, char** argv);
 int convert_main(int argc, char** argv);
 int create_main(int argc, char** argv);
 int check_main(int argc, char** argv);
+int bench_main(int argc, char** argv);
 
 // Creates (or truncates) a raw image file of `size` bytes with QEMU's raw preallocation modes
 // (off, falloc, full); allocates the first block like file-posix's create.
