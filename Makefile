@@ -4,7 +4,8 @@
 #   make demo       build, then run `strata daemon` on its embedded default
 #   make test       sanitizer build (build-asan/) and every test through CTest
 #   make test-long  make test, then a long fuzzing soak
-#   make bench      benchmarks side by side with QEMU's tools and fio
+#   make bench      benchmarks side by side with QEMU's tools and fio (scripts/run-benchmarks,
+#                   scripts/bench-img)
 #   make fuzz       libFuzzer targets (clang), each run briefly
 #   make format     rewrite the tree with clang-format
 
@@ -43,6 +44,7 @@ bench: deps-peers
 	cmake --preset release
 	cmake --build --preset release-all
 	scripts/run-benchmarks
+	scripts/bench-img
 
 fuzz: deps
 	cmake --preset fuzz

@@ -320,6 +320,9 @@ constexpr const char kImgUsage[] =
     "  rebase   [-f FMT] [-F BACKING_FMT] (-b BACKING | -u [-b BACKING]) [-p] [-q] [-U] FILE\n"
     "  commit   [-f FMT] [-b BASE] [-d] [-p] [-q] FILE\n"
     "  amend    [-f FMT] [-p] [-q] [--image-opts] -o compat=..,lazy_refcounts=.. FILE\n"
+    "  bench    [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE]\n"
+    "           [-S STEP_SIZE] [-i AIO] [-n] [-U] [-q] [-w [--pattern PATTERN]\n"
+    "           [--flush-interval INTERVAL [--no-drain]]] FILE\n"
     "\n"
     "See docs/img.md for what is supported.\n";
 
@@ -344,6 +347,7 @@ int img_main(int argc, char** argv) {
       {"convert", img::convert_main}, {"create", img::create_main}, {"check", img::check_main},
       {"bitmap", img::bitmap_main},   {"rebase", img::rebase_main}, {"commit", img::commit_main},
       {"amend", img::amend_main},
+      {"bench", img::bench_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

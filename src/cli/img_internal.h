@@ -55,6 +55,7 @@ int bitmap_main(int argc, char** argv);
 int rebase_main(int argc, char** argv);
 int commit_main(int argc, char** argv);
 int amend_main(int argc, char** argv);
+int bench_main(int argc, char** argv);
 
 // Creates (or truncates) a raw image file of `size` bytes with QEMU's raw preallocation modes
 // (off, falloc, full); allocates the first block like file-posix's create.

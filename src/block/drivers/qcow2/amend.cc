@@ -52,7 +52,7 @@ aio::Task<Result<void>> Qcow2Node::expand_zero_clusters() {
       Result<void> zeroed =
           co_await write_growing(file(), host, IoVector(zeroes.data(), zeroes.size()));
       if (zeroed) {
-        zeroed = co_await flush_metadata();
+        zeroed = co_await sync_metadata();
       }
       if (!zeroed) {
         co_return zeroed;
@@ -69,7 +69,7 @@ aio::Task<Result<void>> Qcow2Node::expand_zero_clusters() {
       co_return written;
     }
   }
-  Result<void> flushed = co_await flush_metadata();
+  Result<void> flushed = co_await sync_metadata();
   co_return flushed;
 }
 
@@ -78,6 +78,7 @@ aio::Task<Result<void>> Qcow2Node::amend(AmendOptions options) {
     co_return Error(ErrorKind::kPermission, "Permission denied", EACCES);
   }
   auto exclusive = co_await lock_.scoped_write_lock();
+  auto meta = co_await meta_.scoped_lock();
   const uint32_t old_version = header_.version;
   const uint32_t new_version = options.version.value_or(old_version);
   const uint64_t refcount_bits =

@@ -236,7 +236,7 @@ aio::Task<Result<void>> Qcow2Node::replace_bitmap_directory(
     if (written) {
       // Tables, data clusters, the directory and their refcounts reach the disk before the
       // header names them.
-      written = co_await flush_metadata();
+      written = co_await sync_metadata();
     }
     if (!written) {
       ignore_error(co_await refcounts_->update(new_offset, new_size, -1),
@@ -375,6 +375,7 @@ aio::Task<void> Qcow2Node::free_new_tables(const std::vector<BitmapDirectoryEntr
 
 aio::Task<Result<void>> Qcow2Node::store_bitmaps(bool release) {
   auto exclusive = co_await lock_.scoped_write_lock();
+  auto meta = co_await meta_.scoped_lock();
   Result<std::vector<BitmapDirectoryEntry>> directory = co_await read_bitmap_directory();
   if (!directory) {
     co_return std::move(directory).error();
@@ -519,6 +520,7 @@ aio::Task<Result<void>> Qcow2Node::remove_persistent_bitmap(std::string name) {
     co_return ok();
   }
   auto exclusive = co_await lock_.scoped_write_lock();
+  auto meta = co_await meta_.scoped_lock();
   Result<std::vector<BitmapDirectoryEntry>> directory = co_await read_bitmap_directory();
   if (!directory) {
     co_return std::move(directory).error();

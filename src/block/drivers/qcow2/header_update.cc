@@ -162,6 +162,7 @@ aio::Task<Result<void>> Qcow2Node::change_backing_file(std::string backing_file,
     co_return Error(ErrorKind::kInvalidArgument, "Invalid argument", EINVAL);
   }
   auto exclusive = co_await lock_.scoped_write_lock();
+  auto meta = co_await meta_.scoped_lock();
   const HeaderContents old_contents = header_contents_;
   header_contents_.backing_file = backing_file;
   header_contents_.backing_format = backing_format;
@@ -175,11 +176,12 @@ aio::Task<Result<void>> Qcow2Node::change_backing_file(std::string backing_file,
   co_return ok();
 }
 
-aio::Task<Result<void>> Qcow2Node::flush_metadata() {
-  Result<void> flushed = co_await co_flush();
-  if (flushed) {
-    flushed = co_await io::flush(file());
+aio::Task<Result<void>> Qcow2Node::sync_metadata() {
+  Result<void> written = co_await write_caches();
+  if (!written) {
+    co_return written;
   }
+  Result<void> flushed = co_await meta_flush();
   co_return flushed;
 }
 

@@ -14,6 +14,7 @@ aio::Task<Result<void>> Qcow2Node::make_empty() {
     co_return Error(ErrorKind::kPermission, "Permission denied", EACCES);
   }
   auto exclusive = co_await lock_.scoped_write_lock();
+  auto meta = co_await meta_.scoped_lock();
   const uint64_t entries_per_table = uint64_t{1} << header_.l2_bits();
   const uint64_t clusters = (length() + header_.cluster_size() - 1) >> header_.cluster_bits;
   for (uint64_t l1_index = 0; l1_index < header_.l1_size; ++l1_index) {
@@ -46,7 +47,7 @@ aio::Task<Result<void>> Qcow2Node::make_empty() {
       co_return written;
     }
     // The cleared entries must be stable before their clusters can be reused.
-    Result<void> flushed = co_await flush_metadata();
+    Result<void> flushed = co_await sync_metadata();
     if (!flushed) {
       co_return flushed;
     }
@@ -59,7 +60,7 @@ aio::Task<Result<void>> Qcow2Node::make_empty() {
       }
     }
   }
-  Result<void> flushed = co_await flush_metadata();
+  Result<void> flushed = co_await sync_metadata();
   co_return flushed;
 }
 

@@ -32,4 +32,35 @@ aio::Task<Result<void>> write_growing(Node& node, uint64_t offset, IoVector qiov
   co_return written;
 }
 
+aio::Task<Result<void>> write_metadata(Node& node, uint64_t offset, IoVector qiov, bool direct) {
+  if (!direct) {
+    Result<void> written = co_await write_growing(node, offset, qiov);
+    co_return written;
+  }
+  const uint64_t bytes = qiov.size();
+  Result<void> written = co_await node.co_pwritev(offset, bytes, qiov, 0);
+  co_return written;
+}
+
+aio::Task<Result<void>> flush_metadata(Node& node, bool direct) {
+  if (!direct) {
+    Result<void> flushed = co_await io::flush(node);
+    co_return flushed;
+  }
+  Result<void> flushed = co_await node.co_flush();
+  if (!flushed) {
+    co_return flushed;
+  }
+  for (const auto& child : node.children()) {
+    if ((child->perm() & (kPermWrite | kPermWriteUnchanged)) == 0) {
+      continue;
+    }
+    Result<void> below = co_await flush_metadata(*child->node(), true);
+    if (!below) {
+      co_return below;
+    }
+  }
+  co_return ok();
+}
+
 }  // namespace strata::block::qcow2

@@ -22,4 +22,11 @@ aio::Task<Result<void>> read_zero_padded(Node& node, uint64_t offset, IoVector q
 aio::Task<Result<void>> write_growing(Node& node, uint64_t offset, IoVector qiov,
                                       uint32_t flags = 0);
 
+// Metadata writes of the qcow2 caches: write_growing through the request layer, or with `direct`
+// straight to the driver of `node` (co_pwritev without growing: write-back during close and
+// inactivation only writes back places the file already holds, and the graph may be drained).
+aio::Task<Result<void>> write_metadata(Node& node, uint64_t offset, IoVector qiov, bool direct);
+// io::flush, or with `direct` the driver's co_flush of `node` and of every node below it.
+aio::Task<Result<void>> flush_metadata(Node& node, bool direct);
+
 }  // namespace strata::block::qcow2

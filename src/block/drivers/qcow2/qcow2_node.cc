@@ -255,10 +255,12 @@ Result<CacheSizes> compute_cache_sizes(const Header& header, const Qcow2Options&
 
 Qcow2Node::Qcow2Node(CommonOptions common) : Node(std::move(common)) {}
 Qcow2Node::~Qcow2Node() {
-  // QEMU's qcow2_close stores the persistent bitmaps of an active node.
+  // QEMU's qcow2_close: the persistent bitmaps of an active node are stored, then dirty
+  // metadata reaches the file (an error can only be reported).
   if (active_ && refcounts_ != nullptr) {
     (void)store_bitmaps_now(/*release=*/true);
   }
+  ignore_error(write_back_now(), "closing a qcow2 node cannot fail");
 }
 
 Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
@@ -680,13 +682,6 @@ aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint6
 
 aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
   co_return Error(ErrorKind::kUnsupported, "strata cannot resize qcow2 images yet", ENOTSUP);
-}
-
-Result<void> Qcow2Node::on_inactivate() {
-  // QEMU's qcow2_inactivate: a failure to store loses the bitmaps but still inactivates.
-  (void)store_bitmaps_now(/*release=*/true);
-  map_->l2_cache().clear();
-  return ok();
 }
 
 Result<void> Qcow2Node::on_activate() {

@@ -5,18 +5,32 @@
 // extended L2, external data file or internal snapshots; the others open read-only only.
 // Persistent dirty bitmaps (bitmaps.cc) are loaded at open and stored back at close.
 //
-// Writes (write.cc): metadata is written through (L2 entries, L1 entries and refcounts reach the
-// file when they change; the caches only save reads), in the order that leaves a crashed image
-// with at worst leaked clusters: refcount increments and data, then a flush, then the L2/L1 entry
-// that publishes them; an L2 entry is cleared (and flushed) before a refcount drops. Refcounts
-// are always exact (lazy-refcounts is accepted and never used), so the dirty bit is never set.
+// Writes (write.cc, write_back.cc): metadata is written back (QEMU's qcow2-cache.c model). L2
+// entries and refcounts change in the caches (dirty L2 slices, dirty refcount blocks); they reach
+// the file on flush (co_flush), when a cache is over capacity, and on close, inactivation and
+// reopen. The order in which they reach the file leaves a crashed image with at worst leaked
+// clusters:
+// - L2 slices depend on the refcounts (and the data) of the clusters they newly use: before a
+//   dirty L2 slice is written, the dirty refcount blocks are written and the file is flushed
+//   (QEMU's qcow2_cache_set_dependency(l2, refcount) and qcow2_cache_depends_on_flush(l2));
+// - refcount drops depend on the L2 entries that stopped using the clusters: before dirty
+//   refcount blocks are written after a drop, the dirty L2 slices are written and the file is
+//   flushed (QEMU's dependency of the refcount cache on the L2 cache for frees);
+// - a new L2 table is written (zeroed) and its refcount made durable before the L1 entry, which
+//   is written through, points at it; refcount blocks and table growth are written through with
+//   their own barriers (refcount.h).
+// Refcounts are always exact (lazy-refcounts is accepted and never used), so the dirty bit is
+// never set.
 //
-// Locking: lock_ guards the metadata. Reads, block status and writes that only overwrite
-// clusters in place (allocated, refcount 1: OFLAG_COPIED) hold it shared for their whole
-// duration, data I/O included; anything that allocates or frees clusters or changes L1/L2/refcount
-// entries holds it exclusively, data and COW I/O included. So overlapping allocating writes never
-// race (the second one sees the first's L2 entries), a cluster is never freed or reused while a
-// read or an in-place write still uses it, and COW ranges need no request-level serialisation.
+// Locking: lock_ keeps clusters alive. Reads, block status, in-place writes (allocated, refcount
+// 1: OFLAG_COPIED) and allocating writes that free nothing hold it shared for their whole
+// duration; anything that frees clusters (discard, write-zeroes, overwriting compressed or
+// zero-allocated clusters) holds it exclusively. So a cluster is never freed or reused while a
+// read or an in-place write still uses it. meta_ (a CoMutex) serialises every change of the
+// caches, L1 and refcounts and is held only for the metadata steps, never across guest data I/O.
+// Allocating writes register the guest clusters they allocate as in flight (QEMU's QCowL2Meta);
+// a write that needs one of those clusters waits for that allocation only, so non-overlapping
+// allocating writes run their COW and data I/O in parallel.
 //
 // Roles: `file` is kRoleImage (kRoleMetadata | kRolePrimary with an external data file, which is
 // the kRoleData `data-file` child); `backing` is kRoleCow.
@@ -138,6 +152,12 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // last), keeping the directory entries of bitmaps it does not hold. `release` drops the stored
   // bitmaps from memory (close, inactivate). Exclusive lock.
   aio::Task<Result<void>> store_bitmaps(bool release);
+  // Writes dirty cached metadata back (refcounts, flush, L2 slices; see above). The request
+  // layer flushes the file afterwards. Other writers call it (io::flush) where an on-disk
+  // update needs earlier metadata to be durable.
+  aio::Task<Result<void>> co_flush() override;
+  // Writes the caches back before the options change (QEMU's qcow2_reopen_prepare).
+  Result<std::function<void()>> prepare_reopen(const DriverOptions& options) override;
 
   const Header& header() const { return header_; }
   // The backing file name stored in the image ("" when none) and its format extension.
@@ -188,21 +208,23 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // nothing written) otherwise. Shared lock.
   aio::Task<Result<bool>> write_in_place(uint64_t offset, uint64_t bytes, IoVector qiov,
                                          uint32_t flags);
-  // Exclusive lock: writes the range, allocating clusters where needed.
-  aio::Task<Result<void>> write_allocating(uint64_t offset, uint64_t bytes, IoVector qiov,
-                                           uint32_t flags);
   // Allocates `old_entries.size()` new clusters for the guest clusters starting at the one
-  // holding `offset` (all in one L2 table, the first described by `first`), fills them with COW
-  // data and `data` (`bytes` at `offset`), publishes them in L2 and frees what they replace.
-  aio::Task<Result<void>> allocate_run(const L2Ref& first, uint64_t offset, uint64_t bytes,
-                                       IoVector data, const std::vector<uint64_t>& old_entries);
-  // Writes `count` L2 entries starting at `l2_index` of the table at `l2_offset` and updates the
-  // cache.
+  // holding `offset` (all in one L2 table, the first described by `first`, registered in flight
+  // by the caller), fills them with COW data and `data` (`bytes` at `offset`) with `meta`
+  // released, publishes them in the L2 cache and releases what they replace. `meta` is held on
+  // entry and on return.
+  aio::Task<Result<void>> allocate_run(aio::CoMutex::Guard& meta, const L2Ref& first,
+                                       uint64_t offset, uint64_t bytes, IoVector data,
+                                       const std::vector<uint64_t>& old_entries);
+  // Sets `entries.size()` L2 entries starting at `l2_index` of the table at `l2_offset` in the
+  // L2 cache (dirty; written back by co_flush). meta_ held.
   aio::Task<Result<void>> write_l2_entries(uint64_t l2_offset, uint64_t l2_index,
                                            const std::vector<uint64_t>& entries);
+  // Writes an L1 entry through to the file and records it. meta_ held.
   aio::Task<Result<void>> write_l1_entry(uint64_t l1_index, uint64_t entry);
   // Drops the references an old L2 entry held (compressed bytes or a host cluster). The caller
-  // has cleared or replaced the entry on disk and flushed.
+  // has cleared or replaced the entry in the L2 cache; the drop reaches the file only after the
+  // L2 change (refcounts_depend_on_l2). meta_ and the exclusive lock_ held.
   aio::Task<Result<void>> release_entry(uint64_t entry);
   static bool needs_release(uint64_t entry);
   // Discard (`zero` false) or write-zeroes of whole clusters [offset, offset + bytes).
@@ -237,14 +259,58 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // ---- header (header_update.cc) ----
   // QEMU's qcow2_update_header followed by a flush of the file (update_header_sync).
   aio::Task<Result<void>> rewrite_header();
-  // Durability point for metadata written so far: the node's caches, then the file.
-  aio::Task<Result<void>> flush_metadata();
+  // Durability point for metadata written so far: the node's dirty caches are written back (in
+  // their dependency order), then the file is flushed. lock_ (exclusive) and meta_ held.
+  aio::Task<Result<void>> sync_metadata();
   // ---- amend (amend.cc) ----
   // QEMU's qcow2_expand_zero_clusters for the active L1 table: zero clusters become unallocated
   // (no backing file) or allocated clusters filled with zeroes.
   aio::Task<Result<void>> expand_zero_clusters();
+  // ---- write-back of cached metadata (write_back.cc); meta_ held ----
+  // Dirty L2 slices to the file, after their refcount and data dependencies (flushed).
+  aio::Task<Result<void>> write_back_l2();
+  // Refcounts::write_back's hook: makes the L2 entries pending refcount drops depend on durable.
+  aio::Task<Result<void>> before_refcount_write_back();
+  // Both caches (QEMU's qcow2_write_caches). No final flush.
+  aio::Task<Result<void>> write_caches();
+  // Call before L2 entries start using newly allocated clusters (after their data is written).
+  aio::Task<Result<void>> l2_depends_on_new_clusters();
+  // Call before dropping refcounts of clusters whose L2 entries were just changed in the cache.
+  aio::Task<Result<void>> refcounts_depend_on_l2();
+  // Writes a cache back when it holds more than its capacity.
+  aio::Task<Result<void>> trim_caches();
+  // write_caches + file flush under meta_ (FUA writes).
+  aio::Task<Result<void>> write_caches_and_flush();
+  // Synchronous write-back on a private loop with direct metadata I/O (close, inactivation,
+  // reopen).
+  Result<void> write_back_now();
+  // Allocates and writes (zeroed) an L2 table for L1 entry `l1_index` and points the L1 entry at
+  // it. meta_ held.
+  aio::Task<Result<uint64_t>> allocate_l2_table(uint64_t l1_index);
+  // Metadata writes and flushes of the node itself (direct during write_back_now).
+  aio::Task<Result<void>> meta_write(uint64_t offset, IoVector qiov);
+  aio::Task<Result<void>> meta_flush();
+
+  // ---- in-flight allocations (write.cc) ----
+  struct InflightAllocation {
+    uint64_t first_cluster = 0;
+    uint64_t clusters = 0;
+    aio::Event done;
+  };
+  // The in-flight allocation covering guest cluster `cluster`, if any.
+  std::shared_ptr<InflightAllocation> inflight_for(uint64_t cluster) const;
+  // Writes [offset, offset + bytes), allocating where needed; returns the bytes done. With
+  // `may_free` false (shared lock_), stops before a cluster whose old entry must be released.
+  aio::Task<Result<uint64_t>> write_clusters(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                             uint32_t flags, bool may_free);
 
   aio::CoRwLock lock_;
+  aio::CoMutex meta_;
+  std::vector<std::shared_ptr<InflightAllocation>> inflight_;
+  bool l2_needs_refcounts_ = false;       // dirty L2 slices use clusters with dirty refcounts
+  bool l2_needs_flush_ = false;           // dirty L2 slices use clusters whose data is not flushed
+  bool refcounts_need_l2_ = false;        // dirty refcount drops wait for dirty L2 slices
+  bool direct_io_ = false;                // during write_back_now
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
+#include <iterator>
 #include <string>
 
 #include "block/drivers/qcow2/format.h"
@@ -110,28 +111,64 @@ void Refcounts::cache_insert(uint64_t offset, Block block) {
   }
   lru_.emplace_front(offset, std::move(block));
   index_[offset] = lru_.begin();
-  // Everything is written through, so evicting never loses a change.
-  while (index_.size() > cache_capacity_) {
-    index_.erase(lru_.back().first);
-    lru_.pop_back();
+  // Dirty blocks are never evicted: the cache may exceed its capacity until write_back().
+  auto it = std::prev(lru_.end());
+  while (index_.size() > cache_capacity_ && it != lru_.begin()) {
+    auto newer = std::prev(it);
+    if (dirty_.count(it->first) == 0) {
+      index_.erase(it->first);
+      lru_.erase(it);
+    }
+    it = newer;
   }
 }
 
-void Refcounts::cache_drop(uint64_t offset) {
-  if (auto it = index_.find(offset); it != index_.end()) {
-    lru_.erase(it->second);
-    index_.erase(it);
+void Refcounts::drop_clean() {
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    if (dirty_.count(it->first) != 0) {
+      ++it;
+      continue;
+    }
+    index_.erase(it->first);
+    it = lru_.erase(it);
   }
+}
+
+aio::Task<Result<void>> Refcounts::write_back() {
+  if (dirty_.empty()) {
+    co_return ok();
+  }
+  if (write_back_hook_) {
+    Result<void> ordered = co_await write_back_hook_();
+    if (!ordered) {
+      co_return ordered;
+    }
+  }
+  while (!dirty_.empty()) {
+    const uint64_t offset = *dirty_.begin();
+    auto cached = index_.find(offset);
+    if (cached == index_.end()) {
+      dirty_.erase(dirty_.begin());
+      continue;
+    }
+    Block block = cached->second->second;
+    Result<void> written = co_await write(offset, block->data(), block->size());
+    if (!written) {
+      co_return written;
+    }
+    dirty_.erase(offset);
+  }
+  co_return ok();
 }
 
 aio::Task<Result<void>> Refcounts::write(uint64_t offset, const void* data, uint64_t bytes) {
-  Result<void> written = co_await write_growing(
-      file_, offset, IoVector(const_cast<void*>(data), static_cast<size_t>(bytes)));
+  Result<void> written = co_await write_metadata(
+      file_, offset, IoVector(const_cast<void*>(data), static_cast<size_t>(bytes)), direct_io_);
   co_return written;
 }
 
 aio::Task<Result<void>> Refcounts::barrier() {
-  Result<void> flushed = co_await io::flush(file_);
+  Result<void> flushed = co_await flush_metadata(file_, direct_io_);
   co_return flushed;
 }
 
@@ -254,7 +291,12 @@ aio::Task<Result<Refcounts::Block>> Refcounts::ensure_block(uint64_t index) {
     if (!written) {
       co_return std::move(written).error();
     }
-    // The block must be on disk before the table points at it.
+    // The block, and the dirty block holding its refcount when it does not describe itself,
+    // must be on disk before the table points at it.
+    Result<void> counted = co_await write_back();
+    if (!counted) {
+      co_return std::move(counted).error();
+    }
     Result<void> synced = co_await barrier();
     if (!synced) {
       co_return std::move(synced).error();
@@ -405,45 +447,37 @@ aio::Task<Result<void>> Refcounts::update(uint64_t offset, uint64_t length, int6
     const uint64_t end = std::min(last, ((index + 1) << block_bits_) - 1);
     const uint64_t first_entry = cluster & (block_entries - 1);
     const uint64_t last_entry = end & (block_entries - 1);
+    // Check every entry first, so a failed update leaves the cached block unchanged.
     for (uint64_t i = first_entry; i <= last_entry; ++i) {
       const uint64_t value = refcount_entry(block.data(), order_, i);
-      uint64_t updated = 0;
       if (addend >= 0) {
-        const auto add = static_cast<uint64_t>(addend);
-        if (value > max_refcount_ - add) {
-          cache_drop(table_[index] & kRefcountTableOffsetMask);
+        if (value > max_refcount_ - static_cast<uint64_t>(addend)) {
           co_return Error(ErrorKind::kInvalidArgument,
                           "qcow2: refcount of cluster " +
                               hex(((index << block_bits_) + i) << cluster_bits_) +
                               " would overflow",
                           EINVAL);
         }
-        updated = value + add;
+      } else if (value < static_cast<uint64_t>(-addend)) {
+        co_return corruption("refcount of cluster " +
+                             hex(((index << block_bits_) + i) << cluster_bits_) +
+                             " would drop below 0");
+      }
+    }
+    for (uint64_t i = first_entry; i <= last_entry; ++i) {
+      const uint64_t value = refcount_entry(block.data(), order_, i);
+      uint64_t updated = 0;
+      if (addend >= 0) {
+        updated = value + static_cast<uint64_t>(addend);
       } else {
-        const uint64_t sub = static_cast<uint64_t>(-addend);
-        if (value < sub) {
-          cache_drop(table_[index] & kRefcountTableOffsetMask);
-          co_return corruption("refcount of cluster " +
-                               hex(((index << block_bits_) + i) << cluster_bits_) +
-                               " would drop below 0");
-        }
-        updated = value - sub;
+        updated = value - static_cast<uint64_t>(-addend);
         if (updated == 0) {
           free_hint_ = std::min(free_hint_, (index << block_bits_) + i);
         }
       }
       set_refcount_entry(block.data(), order_, i, updated);
     }
-    // Write the bytes holding the changed entries.
-    const uint64_t byte_start = (first_entry << order_) / 8;
-    const uint64_t byte_end = (((last_entry + 1) << order_) + 7) / 8;
-    const uint64_t block_offset = table_[index] & kRefcountTableOffsetMask;
-    Result<void> written =
-        co_await write(block_offset + byte_start, block.data() + byte_start, byte_end - byte_start);
-    if (!written) {
-      cache_drop(block_offset);
-      co_return std::move(written).error();
-    }
+    mark_dirty(table_[index] & kRefcountTableOffsetMask);
     cluster = end + 1;
   }
   co_return ok();

@@ -4,23 +4,28 @@
 // refcount blocks and growing the refcount table (QEMU's alloc_refcount_block and
 // qcow2_refcount_area).
 //
-// Write-through: every change is written to the image file before the call returns; the cache
-// only saves reads. Ordering guarantees (what keeps a crashed image free of corruption, so that
+// Write-back: refcount changes stay in the cache (dirty blocks) until write_back() — called by
+// the node before it writes L2 slices that use new clusters, on flush and when the cache is over
+// capacity. Ordering guarantees (what keeps a crashed image free of corruption, so that
 // `qemu-img check` finds at worst leaks):
-// - a new refcount block is written and flushed before the refcount table points at it;
+// - a new refcount block is written, together with the dirty blocks holding its own refcount,
+//   and flushed before the refcount table points at it;
 // - a grown refcount table (and the blocks describing it) is written and flushed before the
 //   header points at it, and the header switch is flushed before the old table is freed;
-// - allocate() returns only after the new refcounts were written, so a caller that flushes the
-//   file before writing an L2 entry never publishes a cluster whose refcount is 0 on disk;
-// - callers drop a refcount only after the L2 entry that used the cluster was cleared and
-//   flushed (update() itself does not know about L2 tables).
+// - allocate() changes cached refcounts only: the caller must call write_back() and flush the
+//   file before an L2 entry using the clusters reaches the file (Qcow2Node::write_back_l2);
+// - refcount drops must not reach the file before the L2 entries that stopped using the
+//   clusters: write_back() first runs the hook given to set_write_back_hook (the node writes its
+//   dirty L2 slices and flushes there when a drop is pending).
 //
-// Concurrency: not re-entrant. Every call must be made by the holder of the node's exclusive
-// metadata lock (Qcow2Node::lock_), on the node's home loop.
+// Concurrency: not re-entrant. Every call must be made by the holder of the node's metadata mutex
+// (Qcow2Node::meta_), on the node's home loop.
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
+#include <set>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -66,6 +71,20 @@ class Refcounts {
   // refcount would drop below 0. A cluster whose refcount reaches 0 becomes allocatable again.
   aio::Task<Result<void>> update(uint64_t offset, uint64_t length, int64_t addend);
 
+  // Writes every dirty refcount block to the file (after the hook, see above). No flush.
+  aio::Task<Result<void>> write_back();
+  bool has_dirty() const { return !dirty_.empty(); }
+  bool over_capacity() const { return index_.size() > cache_capacity_; }
+  // Run by write_back() before it writes anything (the node's ordering of drops after L2 writes).
+  void set_write_back_hook(std::function<aio::Task<Result<void>>()> hook) {
+    write_back_hook_ = std::move(hook);
+  }
+  // Metadata I/O straight to the file node's driver, bypassing the request layer (write-back
+  // during close and inactivation, when the graph may be drained).
+  void set_direct_io(bool direct) { direct_io_ = direct; }
+  // Drops the cached blocks that are not dirty.
+  void drop_clean();
+
   uint64_t table_entries() const { return table_.size(); }
   uint64_t free_cluster_hint() const { return free_hint_; }
 
@@ -85,7 +104,7 @@ class Refcounts {
   aio::Task<Result<void>> write(uint64_t offset, const void* data, uint64_t bytes);
   aio::Task<Result<void>> barrier();
   void cache_insert(uint64_t offset, Block block);
-  void cache_drop(uint64_t offset);
+  void mark_dirty(uint64_t offset) { dirty_.insert(offset); }
 
   Node& file_;
   Header& header_;
@@ -102,6 +121,9 @@ class Refcounts {
   uint64_t cache_capacity_;
   std::list<std::pair<uint64_t, Block>> lru_;  // most recently used first
   std::unordered_map<uint64_t, std::list<std::pair<uint64_t, Block>>::iterator> index_;
+  std::set<uint64_t> dirty_;  // offsets of cached blocks that differ from the file
+  std::function<aio::Task<Result<void>>()> write_back_hook_;
+  bool direct_io_ = false;
 };
 
 }  // namespace strata::block::qcow2

@@ -45,6 +45,18 @@ bool writable_in_place(uint64_t entry) {
          (entry & kL2OffsetMask) != 0;
 }
 
+// What an old L2 entry reads as is zeroes: a zero cluster, or unallocated without a backing
+// file (compressed and allocated clusters hold data).
+bool reads_as_zeroes(uint64_t entry, bool has_backing) {
+  if ((entry & kOflagCompressed) != 0) {
+    return false;
+  }
+  if ((entry & kOflagZero) != 0) {
+    return true;
+  }
+  return (entry & kL2OffsetMask) == 0 && !has_backing;
+}
+
 }  // namespace
 
 // ---- open ----------------------------------------------------------------------------------
@@ -109,6 +121,7 @@ aio::Task<Result<void>> Qcow2Node::load_refcounts(uint64_t cache_blocks) {
   }
   refcounts_ = std::make_unique<Refcounts>(file(), header_, std::move(table),
                                            std::max<uint64_t>(cache_blocks, 4), file().length());
+  refcounts_->set_write_back_hook([this] { return before_refcount_write_back(); });
   co_return ok();
 }
 
@@ -177,6 +190,7 @@ aio::Task<Result<void>> Qcow2Node::read_for_cow(uint64_t offset, std::vector<uin
 
 aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
                                               uint32_t flags) {
+  uint64_t done = 0;
   {
     auto shared = co_await lock_.scoped_read_lock();
     Result<bool> in_place = co_await write_in_place(offset, bytes, qiov, flags);
@@ -186,10 +200,26 @@ aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t offset, uint64_t bytes, I
     if (*in_place) {
       co_return ok();
     }
+    Result<uint64_t> written = co_await write_clusters(offset, bytes, qiov, flags, false);
+    if (!written) {
+      co_return std::move(written).error();
+    }
+    done = *written;
   }
-  auto exclusive = co_await lock_.scoped_write_lock();
-  Result<void> written = co_await write_allocating(offset, bytes, qiov, flags);
-  co_return written;
+  if (done < bytes) {
+    // The rest replaces clusters that must be freed: no reader may use them meanwhile.
+    auto exclusive = co_await lock_.scoped_write_lock();
+    Result<uint64_t> written = co_await write_clusters(offset + done, bytes - done,
+                                                       qiov.slice(done, bytes - done), flags, true);
+    if (!written) {
+      co_return std::move(written).error();
+    }
+  }
+  if ((flags & kRequestFua) != 0) {
+    Result<void> flushed = co_await write_caches_and_flush();
+    co_return flushed;
+  }
+  co_return ok();
 }
 
 aio::Task<Result<bool>> Qcow2Node::write_in_place(uint64_t offset, uint64_t bytes, IoVector qiov,
@@ -230,71 +260,134 @@ aio::Task<Result<bool>> Qcow2Node::write_in_place(uint64_t offset, uint64_t byte
   co_return true;
 }
 
-aio::Task<Result<void>> Qcow2Node::write_allocating(uint64_t offset, uint64_t bytes, IoVector qiov,
-                                                    uint32_t flags) {
+std::shared_ptr<Qcow2Node::InflightAllocation> Qcow2Node::inflight_for(uint64_t cluster) const {
+  for (const auto& allocation : inflight_) {
+    if (cluster >= allocation->first_cluster &&
+        cluster - allocation->first_cluster < allocation->clusters) {
+      return allocation;
+    }
+  }
+  return nullptr;
+}
+
+aio::Task<Result<uint64_t>> Qcow2Node::write_clusters(uint64_t offset, uint64_t bytes,
+                                                      IoVector qiov, uint32_t flags,
+                                                      bool may_free) {
   const uint64_t cluster_size = header_.cluster_size();
   const uint32_t cluster_bits = header_.cluster_bits;
   const uint64_t end = offset + bytes;
   const uint64_t max_clusters = std::max<uint64_t>(1, kMaxAllocationBytes >> cluster_bits);
   uint64_t pos = offset;
-  bool allocated = false;
   while (pos < end) {
     const uint64_t guest_cluster = pos >> cluster_bits;
+    const uint64_t in_cluster = pos & (cluster_size - 1);
+    uint64_t n = std::min(end - pos, cluster_size - in_cluster);
+    auto meta = co_await meta_.scoped_lock();
+    // QEMU's handle_dependencies: wait for an allocation of this very cluster, then look again.
+    if (auto busy = inflight_for(guest_cluster)) {
+      meta.unlock();
+      co_await busy->done.wait();
+      continue;
+    }
     Result<L2Ref> ref = co_await l2_ref(guest_cluster);
     if (!ref) {
       co_return std::move(ref).error();
     }
-    const uint64_t in_cluster = pos & (cluster_size - 1);
-    uint64_t n = std::min(end - pos, cluster_size - in_cluster);
     if (writable_in_place(ref->entry)) {
+      meta.unlock();
       block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
       Result<void> written =
           co_await write_growing(file(), (ref->entry & kL2OffsetMask) + in_cluster,
                                  qiov.slice(pos - offset, n), flags & kRequestFua);
       if (!written) {
-        co_return written;
+        co_return std::move(written).error();
       }
       pos += n;
       continue;
     }
-    // The following clusters that need an allocation too, in the same L2 table.
+    if (!may_free && needs_release(ref->entry)) {
+      co_return pos - offset;
+    }
+    // The following clusters that need an allocation too, in the same L2 table and not in
+    // flight elsewhere.
     std::vector<uint64_t> old_entries{ref->entry};
     while (pos + n < end && old_entries.size() < max_clusters) {
       const uint64_t next = guest_cluster + old_entries.size();
-      if ((next >> header_.l2_bits()) != ref->l1_index) {
+      if ((next >> header_.l2_bits()) != ref->l1_index || inflight_for(next) != nullptr) {
         break;
       }
       Result<L2Ref> next_ref = co_await l2_ref(next);
       if (!next_ref) {
         co_return std::move(next_ref).error();
       }
-      if (writable_in_place(next_ref->entry)) {
+      if (writable_in_place(next_ref->entry) || (!may_free && needs_release(next_ref->entry))) {
         break;
       }
       old_entries.push_back(next_ref->entry);
       n += std::min(end - (pos + n), cluster_size);
     }
+    auto allocation = std::make_shared<InflightAllocation>();
+    allocation->first_cluster = guest_cluster;
+    allocation->clusters = old_entries.size();
+    inflight_.push_back(allocation);
     Result<void> run =
-        co_await allocate_run(*ref, pos, n, qiov.slice(pos - offset, n), old_entries);
+        co_await allocate_run(meta, *ref, pos, n, qiov.slice(pos - offset, n), old_entries);
+    inflight_.erase(std::find(inflight_.begin(), inflight_.end(), allocation));
+    allocation->done.set();
     if (!run) {
-      co_return run;
+      co_return std::move(run).error();
     }
-    allocated = true;
+    Result<void> trimmed = co_await trim_caches();
+    if (!trimmed) {
+      co_return std::move(trimmed).error();
+    }
     pos += n;
   }
-  if (allocated && (flags & kRequestFua) != 0) {
-    Result<void> flushed = co_await io::flush(file());
-    if (!flushed) {
-      co_return flushed;
-    }
-  }
-  co_return ok();
+  co_return bytes;
 }
 
-aio::Task<Result<void>> Qcow2Node::allocate_run(const L2Ref& first, uint64_t offset, uint64_t bytes,
-                                                IoVector data,
-                                                const std::vector<uint64_t>& old_entries) {
+aio::Task<Result<uint64_t>> Qcow2Node::allocate_l2_table(uint64_t l1_index) {
+  block::debug_event(child("file"), BlkdebugEvent::kL2AllocWrite);
+  Result<uint64_t> table = co_await refcounts_->allocate(1);
+  if (!table) {
+    co_return std::move(table).error();
+  }
+  // QEMU's l2_allocate: the (empty) table and its refcount are durable before the L1 entry
+  // points at it.
   const uint64_t cluster_size = header_.cluster_size();
+  Result<void> written = ok();
+  if (*table >= file().length()) {
+    written = co_await io::truncate(file(), *table + cluster_size, false);  // reads as zeroes
+  } else {
+    std::vector<uint8_t> zeroes(cluster_size, 0);
+    written = co_await write_growing(file(), *table, IoVector(zeroes.data(), zeroes.size()));
+  }
+  if (!written) {
+    co_return std::move(written).error();
+  }
+  Result<void> counted = co_await refcounts_->write_back();
+  if (!counted) {
+    co_return std::move(counted).error();
+  }
+  Result<void> flushed = co_await meta_flush();
+  if (!flushed) {
+    co_return std::move(flushed).error();
+  }
+  block::debug_event(child("file"), BlkdebugEvent::kL1Update);
+  written = co_await write_l1_entry(l1_index, *table | kOflagCopied);
+  if (!written) {
+    co_return std::move(written).error();
+  }
+  const uint32_t slice_bytes = map_->l2_cache().slice_bytes();
+  for (uint64_t at = 0; at < cluster_size; at += slice_bytes) {
+    map_->l2_cache().put_clean(*table + at, std::vector<uint64_t>(slice_bytes / 8, 0));
+  }
+  co_return *table;
+}
+
+aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const L2Ref& first,
+                                                uint64_t offset, uint64_t bytes, IoVector data,
+                                                const std::vector<uint64_t>& old_entries) {
   const uint32_t cluster_bits = header_.cluster_bits;
   const uint64_t count = old_entries.size();
   const uint64_t guest_start = (offset >> cluster_bits) << cluster_bits;
@@ -317,95 +410,93 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(const L2Ref& first, uint64_t off
       co_return fixed;
     }
   }
+  if (l2_offset == 0) {
+    Result<uint64_t> table = co_await allocate_l2_table(first.l1_index);
+    if (!table) {
+      co_return std::move(table).error();
+    }
+    l2_offset = *table;
+  }
 
-  // 1. Refcounts of the new clusters (written before anything can point at them).
+  // 1. Refcounts of the new clusters (in the cache; written before any L2 entry using them).
   block::debug_event(child("file"), BlkdebugEvent::kClusterAlloc);
   Result<uint64_t> host = co_await refcounts_->allocate(count);
   if (!host) {
     co_return std::move(host).error();
   }
-  uint64_t new_l2 = 0;
-  if (l2_offset == 0) {
-    block::debug_event(child("file"), BlkdebugEvent::kL2AllocWrite);
-    Result<uint64_t> table = co_await refcounts_->allocate(1);
-    if (!table) {
-      co_return std::move(table).error();
+
+  // New clusters past the end of the file read as zeroes once the file covers them: extend it
+  // now (under meta_, so the next allocation sees the new end), and COW regions that read as
+  // zeroes anyway need no write (QEMU's is_zero_cow and zeroing of new clusters).
+  const uint64_t host_end = *host + (count << cluster_bits);
+  const bool fresh = *host >= file().length();
+  Result<void> filled = ok();
+  if (host_end > file().length()) {
+    filled = co_await io::truncate(file(), host_end, false);
+  }
+  const bool cow_is_zero =
+      fresh && std::all_of(old_entries.begin(), old_entries.end(), [&](uint64_t entry) {
+        return reads_as_zeroes(entry, backing_child() != nullptr);
+      });
+
+  // 2. Data with the COW head and tail (old data, backing data or zeroes), without meta_: the
+  //    clusters are in flight, so nothing else reads them as new or writes them.
+  meta.unlock();
+  if (filled && cow_is_zero) {
+    block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
+    filled = co_await io::pwritev(file(), *host + (offset - guest_start), data);
+  } else if (filled) {
+    std::vector<uint8_t> head(offset - guest_start);
+    std::vector<uint8_t> tail(guest_start + (count << cluster_bits) - (offset + bytes));
+    if (!head.empty() || !tail.empty()) {
+      block::debug_event(child("file"), BlkdebugEvent::kCowRead);
     }
-    new_l2 = *table;
+    if (!head.empty()) {
+      filled = co_await read_for_cow(guest_start, head);
+    }
+    if (filled && !tail.empty()) {
+      filled = co_await read_for_cow(offset + bytes, tail);
+    }
+    if (filled) {
+      IoVector cluster_data;
+      cluster_data.append(head.data(), head.size());
+      cluster_data.append(data);
+      cluster_data.append(tail.data(), tail.size());
+      block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
+      filled = co_await write_growing(file(), *host, cluster_data);
+    }
+  }
+  meta = co_await meta_.scoped_lock();
+  if (!filled) {
+    // Nothing points at the new clusters: give them back (a failure here only leaks them).
+    Result<void> freed = co_await refcounts_->update(*host, count << cluster_bits, -1);
+    ignore_error(std::move(freed), "the clusters of a failed allocation only leak");
+    co_return filled;
   }
 
-  // 2. Data with the COW head and tail (old data, backing data or zeroes).
-  std::vector<uint8_t> head(offset - guest_start);
-  std::vector<uint8_t> tail(guest_start + (count << cluster_bits) - (offset + bytes));
-  if (!head.empty() || !tail.empty()) {
-    block::debug_event(child("file"), BlkdebugEvent::kCowRead);
+  // 3. Publish: the L2 slice now depends on the refcounts and the data written above.
+  Result<void> ordered = co_await l2_depends_on_new_clusters();
+  if (!ordered) {
+    co_return ordered;
   }
-  if (!head.empty()) {
-    Result<void> read = co_await read_for_cow(guest_start, head);
-    if (!read) {
-      co_return read;
-    }
-  }
-  if (!tail.empty()) {
-    Result<void> read = co_await read_for_cow(offset + bytes, tail);
-    if (!read) {
-      co_return read;
-    }
-  }
-  IoVector cluster_data;
-  cluster_data.append(head.data(), head.size());
-  cluster_data.append(data);
-  cluster_data.append(tail.data(), tail.size());
-  block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
-  Result<void> written = co_await write_growing(file(), *host, cluster_data);
-  if (!written) {
-    co_return written;
-  }
-
-  // 3. A new L2 table goes to disk complete, before the L1 entry points at it.
   std::vector<uint64_t> entries(count);
   for (uint64_t i = 0; i < count; ++i) {
     entries[i] = (*host + (i << cluster_bits)) | kOflagCopied;
   }
-  if (new_l2 != 0) {
-    std::vector<uint8_t> table(cluster_size, 0);
-    for (uint64_t i = 0; i < count; ++i) {
-      put_be64(table.data() + (first.l2_index + i) * 8, entries[i]);
-    }
-    written = co_await write_growing(file(), new_l2, IoVector(table.data(), table.size()));
-    if (!written) {
-      co_return written;
-    }
-  }
-
-  // 4. Barrier: refcounts, data and the new L2 table are stable before they are published.
-  Result<void> flushed = co_await io::flush(file());
-  if (!flushed) {
-    co_return flushed;
-  }
-  if (new_l2 != 0) {
-    block::debug_event(child("file"), BlkdebugEvent::kL1Update);
-    written = co_await write_l1_entry(first.l1_index, new_l2 | kOflagCopied);
-  } else {
-    block::debug_event(child("file"), BlkdebugEvent::kL2Update);
-    written = co_await write_l2_entries(l2_offset, first.l2_index, entries);
-  }
+  block::debug_event(child("file"), BlkdebugEvent::kL2Update);
+  Result<void> written = co_await write_l2_entries(l2_offset, first.l2_index, entries);
   if (!written) {
     co_return written;
   }
 
-  // 5. What the new clusters replaced loses its reference, after the new entries are stable.
-  const bool release = std::any_of(old_entries.begin(), old_entries.end(), needs_release);
-  if (release) {
-    flushed = co_await io::flush(file());
-    if (!flushed) {
-      co_return flushed;
+  // 4. What the new clusters replaced loses its reference (on disk only after the new entries).
+  for (uint64_t entry : old_entries) {
+    if (!needs_release(entry)) {
+      continue;
     }
-    for (uint64_t entry : old_entries) {
-      Result<void> released = co_await release_entry(entry);
-      if (!released) {
-        co_return released;
-      }
+    Result<void> released = co_await release_entry(entry);
+    if (!released) {
+      co_return released;
     }
   }
   co_return ok();
@@ -413,21 +504,14 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(const L2Ref& first, uint64_t off
 
 aio::Task<Result<void>> Qcow2Node::write_l2_entries(uint64_t l2_offset, uint64_t l2_index,
                                                     const std::vector<uint64_t>& entries) {
-  std::vector<uint8_t> raw(entries.size() * 8);
-  for (size_t i = 0; i < entries.size(); ++i) {
-    put_be64(raw.data() + i * 8, entries[i]);
-  }
-  Result<void> written =
-      co_await write_growing(file(), l2_offset + l2_index * 8, IoVector(raw.data(), raw.size()));
-  if (!written) {
-    // The file may hold the new entries or the old ones; make the next lookup read it again.
-    map_->l2_cache().clear();
-    co_return written;
-  }
   for (size_t i = 0; i < entries.size(); ++i) {
     const uint64_t index = l2_index + i;
-    map_->l2_cache().update(map_->slice_offset(l2_offset, index),
-                            static_cast<uint32_t>(index % map_->slice_entries()), entries[i]);
+    Result<void> set = co_await map_->l2_cache().set_entry(
+        file(), map_->slice_offset(l2_offset, index),
+        static_cast<uint32_t>(index % map_->slice_entries()), entries[i]);
+    if (!set) {
+      co_return set;
+    }
   }
   co_return ok();
 }
@@ -436,7 +520,7 @@ aio::Task<Result<void>> Qcow2Node::write_l1_entry(uint64_t l1_index, uint64_t en
   uint8_t raw[8];
   put_be64(raw, entry);
   Result<void> written =
-      co_await write_growing(file(), header_.l1_table_offset + l1_index * 8, IoVector(raw, 8));
+      co_await meta_write(header_.l1_table_offset + l1_index * 8, IoVector(raw, 8));
   if (!written) {
     co_return written;
   }
@@ -449,6 +533,10 @@ bool Qcow2Node::needs_release(uint64_t entry) {
 }
 
 aio::Task<Result<void>> Qcow2Node::release_entry(uint64_t entry) {
+  Result<void> ordered = co_await refcounts_depend_on_l2();
+  if (!ordered) {
+    co_return ordered;
+  }
   block::debug_event(child("file"), BlkdebugEvent::kClusterFree);
   if (entry & kOflagCompressed) {
     // QEMU's qcow2_parse_compressed_l2_entry: the bytes [coffset, coffset + csize) belong to the
@@ -492,14 +580,17 @@ aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t offset, uint64_t by
   if (header_.version < 3 || !whole_clusters || refcounts_ == nullptr) {
     co_return Error(ErrorKind::kUnsupported, "qcow2: write-zeroes needs whole clusters", ENOTSUP);
   }
-  auto exclusive = co_await lock_.scoped_write_lock();
-  Result<void> zeroed =
-      co_await zero_or_discard_clusters(offset, bytes, false, (flags & kRequestMayUnmap) != 0);
-  if (!zeroed) {
-    co_return zeroed;
+  {
+    auto exclusive = co_await lock_.scoped_write_lock();
+    auto meta = co_await meta_.scoped_lock();
+    Result<void> zeroed =
+        co_await zero_or_discard_clusters(offset, bytes, false, (flags & kRequestMayUnmap) != 0);
+    if (!zeroed) {
+      co_return zeroed;
+    }
   }
   if (flags & kRequestFua) {
-    Result<void> flushed = co_await io::flush(file());
+    Result<void> flushed = co_await write_caches_and_flush();
     co_return flushed;
   }
   co_return ok();
@@ -513,6 +604,7 @@ aio::Task<Result<void>> Qcow2Node::co_pdiscard(uint64_t offset, uint64_t bytes) 
     co_return Error(ErrorKind::kUnsupported, "qcow2: discard needs whole clusters", ENOTSUP);
   }
   auto exclusive = co_await lock_.scoped_write_lock();
+  auto meta = co_await meta_.scoped_lock();
   Result<void> discarded = co_await zero_or_discard_clusters(offset, bytes, true, true);
   co_return discarded;
 }
@@ -521,8 +613,8 @@ aio::Task<Result<void>> Qcow2Node::zero_or_discard_clusters(uint64_t offset, uin
                                                             bool discard, bool unmap) {
   // QEMU's zero_in_l2_slice and discard_in_l2_slice (full_discard=false): the new entry reads as
   // zeroes (v3) or as the backing file / zeroes (v2 discard); the old cluster is released unless
-  // write-zeroes may keep it allocated. Entries are written one L2 table at a time; their
-  // clusters are released only after the new entries are stable.
+  // write-zeroes may keep it allocated. Entries change one L2 table at a time in the cache; the
+  // drops of their clusters reach the file only after the new entries (release_entry).
   const uint32_t cluster_bits = header_.cluster_bits;
   const uint64_t first = offset >> cluster_bits;
   const uint64_t last = (offset + bytes - 1) >> cluster_bits;
@@ -577,17 +669,18 @@ aio::Task<Result<void>> Qcow2Node::zero_or_discard_clusters(uint64_t offset, uin
     if (!written) {
       co_return written;
     }
-    if (std::any_of(old_entries.begin(), old_entries.end(), needs_release)) {
-      Result<void> flushed = co_await io::flush(file());
-      if (!flushed) {
-        co_return flushed;
+    for (uint64_t entry : old_entries) {
+      if (!needs_release(entry)) {
+        continue;
       }
-      for (uint64_t entry : old_entries) {
-        Result<void> released = co_await release_entry(entry);
-        if (!released) {
-          co_return released;
-        }
+      Result<void> released = co_await release_entry(entry);
+      if (!released) {
+        co_return released;
       }
+    }
+    Result<void> trimmed = co_await trim_caches();
+    if (!trimmed) {
+      co_return trimmed;
     }
     cluster = stop + 1;
   }
