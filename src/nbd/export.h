@@ -7,6 +7,7 @@
 //
 // Threading: everything on the node's home loop (the daemon's main loop).
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -64,9 +65,16 @@ class Export : public block::BlockParent {
     return offset >= data_hint_start_ && length <= data_hint_end_ - offset &&
            offset < data_hint_end_;
   }
+  // Records a data run; one that overlaps or touches the current hint extends it (both were
+  // found to be data), any other replaces it.
   void set_data_hint(uint64_t start, uint64_t end) {
-    data_hint_start_ = start;
-    data_hint_end_ = end;
+    if (start <= data_hint_end_ && end >= data_hint_start_ && data_hint_end_ > data_hint_start_) {
+      data_hint_start_ = std::min(data_hint_start_, start);
+      data_hint_end_ = std::max(data_hint_end_, end);
+    } else {
+      data_hint_start_ = start;
+      data_hint_end_ = end;
+    }
   }
 
   // Connection bookkeeping: a connection registers when it selects the export and leaves when it

@@ -230,6 +230,20 @@ TEST_F(ServerConnectionTest, OptionOver32MiBEndsTheConnection) {
   EXPECT_EQ(out.size(), 18u);  // the greeting only
 }
 
+TEST_F(ServerConnectionTest, DataHintGrowsOverTouchingRunsOnly) {
+  Export& exp = *exports_.exp;
+  EXPECT_FALSE(exp.data_hint_covers(0, 1));
+  exp.set_data_hint(4096, 8192);
+  EXPECT_TRUE(exp.data_hint_covers(4096, 4096));
+  EXPECT_FALSE(exp.data_hint_covers(4095, 2));
+  exp.set_data_hint(0, 4096);  // touches: extends
+  EXPECT_TRUE(exp.data_hint_covers(0, 8192));
+  exp.set_data_hint(16384, 20480);  // apart: replaces
+  EXPECT_FALSE(exp.data_hint_covers(0, 4096));
+  EXPECT_TRUE(exp.data_hint_covers(16384, 4096));
+  EXPECT_FALSE(exp.data_hint_covers(16384, 4097));
+}
+
 TEST(WireReaderTest, ReadsPastTheEndFail) {
   const char bytes[3] = {1, 2, 3};
   WireReader r(bytes, sizeof(bytes));
