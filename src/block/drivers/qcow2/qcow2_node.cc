@@ -654,14 +654,6 @@ Result<void> Qcow2Node::on_inactivate() {
   return ok();
 }
 
-Result<void> Qcow2Node::on_activate() {
-  auto loop = aio::EventLoop::create(16);
-  if (!loop) {
-    return std::move(loop).error();
-  }
-  return (*loop)->block_on(load_bitmaps(refcounts_ != nullptr && !read_only_));
-}
-
 // ---- info ----------------------------------------------------------------------------------
 
 std::optional<std::string> Qcow2Node::exact_filename() const {
