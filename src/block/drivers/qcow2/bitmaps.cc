@@ -11,6 +11,7 @@
 #include "block/drivers/qcow2/metadata_io.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/io/request.h"
+#include "block/io/request_tracker.h"
 
 namespace strata::block::qcow2 {
 
@@ -464,6 +465,46 @@ aio::Task<Result<void>> Qcow2Node::store_bitmaps(bool release) {
   co_return ok();
 }
 
+namespace {
+
+// Lets the driver's own requests reach `root` and the nodes below it while a caller holds them
+// quiesced (blockdev-set-active inactivates inside a drained section). QEMU never blocks a
+// driver's requests to its children during a drain; strata's request layer parks every new
+// request of a quiesced node, so the store at inactivation lifts the quiesce of the image file's
+// subtree for its duration and restores it exactly afterwards.
+class QuiesceLift {
+ public:
+  explicit QuiesceLift(Node& root) { lift(root); }
+  ~QuiesceLift() {
+    for (auto it = lifted_.rbegin(); it != lifted_.rend(); ++it) {
+      io::drain_begin(*it->first);
+      for (uint64_t i = 1; i < it->second; ++i) {
+        io::drain_begin(*it->first);
+      }
+    }
+  }
+  QuiesceLift(const QuiesceLift&) = delete;
+  QuiesceLift& operator=(const QuiesceLift&) = delete;
+
+ private:
+  void lift(Node& node) {
+    uint64_t count = 0;
+    while (node.requests().quiesced()) {
+      io::drain_end(node);
+      ++count;
+    }
+    if (count > 0) {
+      lifted_.emplace_back(node.shared_from_this(), count);
+    }
+    for (const auto& child : node.children()) {
+      lift(*child->node());
+    }
+  }
+  std::vector<std::pair<std::shared_ptr<Node>, uint64_t>> lifted_;
+};
+
+}  // namespace
+
 bool Qcow2Node::store_bitmaps_now(bool release) {
   bool persistent = false;
   for (const auto& owned : dirty_bitmaps().bitmaps()) {
@@ -472,6 +513,7 @@ bool Qcow2Node::store_bitmaps_now(bool release) {
   if (!persistent) {
     return true;
   }
+  QuiesceLift lift(file());
   auto loop = aio::EventLoop::create(16);
   Result<void> stored =
       loop ? (*loop)->block_on(store_bitmaps(release)) : Result<void>(std::move(loop).error());
@@ -482,6 +524,18 @@ bool Qcow2Node::store_bitmaps_now(bool release) {
     return false;
   }
   return true;
+}
+
+Result<void> Qcow2Node::on_activate() {
+  if (dirty_bitmaps().empty() && header_contents_.nb_bitmaps == 0) {
+    return ok();
+  }
+  QuiesceLift lift(file());
+  auto loop = aio::EventLoop::create(16);
+  if (!loop) {
+    return std::move(loop).error();
+  }
+  return (*loop)->block_on(load_bitmaps(refcounts_ != nullptr && !read_only_));
 }
 
 // ---- QEMU's driver callbacks -------------------------------------------------------------

@@ -684,14 +684,6 @@ aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
   co_return Error(ErrorKind::kUnsupported, "strata cannot resize qcow2 images yet", ENOTSUP);
 }
 
-Result<void> Qcow2Node::on_activate() {
-  auto loop = aio::EventLoop::create(16);
-  if (!loop) {
-    return std::move(loop).error();
-  }
-  return (*loop)->block_on(load_bitmaps(refcounts_ != nullptr && !read_only_));
-}
-
 // ---- info ----------------------------------------------------------------------------------
 
 std::optional<std::string> Qcow2Node::exact_filename() const {
