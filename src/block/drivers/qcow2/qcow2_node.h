@@ -233,6 +233,7 @@ class Qcow2Node final : public Node {
   bool l2_needs_flush_ = false;           // dirty L2 slices use clusters whose data is not flushed
   bool refcounts_need_l2_ = false;        // dirty refcount drops wait for dirty L2 slices
   bool direct_io_ = false;                // during write_back_now
+  std::vector<uint8_t> zero_cluster_;     // zeroes for COW regions (written from, never changed)
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
 
