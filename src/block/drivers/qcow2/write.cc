@@ -18,6 +18,8 @@ namespace {
 
 // Offset of the autoclear feature bits in a version 3 header (qcow2.rst "Header").
 constexpr uint64_t kHeaderAutoclearOffset = 88;
+// How far ensure_file_covers extends the image file beyond what an allocation needs.
+constexpr uint64_t kFileGrowStep = 8ull << 20;
 // The largest run of clusters one allocation covers (bounds the COW buffers and the time the
 // exclusive lock is held by one step).
 constexpr uint64_t kMaxAllocationBytes = 8ull << 20;
@@ -425,6 +427,14 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
     co_return std::move(host).error();
   }
 
+  const uint64_t host_end = *host + (count << cluster_bits);
+  Result<void> covered = co_await ensure_file_covers(host_end);
+  if (!covered) {
+    Result<void> freed = co_await refcounts_->update(*host, count << cluster_bits, -1);
+    ignore_error(std::move(freed), "the clusters of a failed allocation only leak");
+    co_return covered;
+  }
+
   // COW regions of clusters that read as zeroes are written from a shared zero buffer, without
   // reading anything (QEMU's is_zero_cow).
   const bool cow_is_zero = std::all_of(old_entries.begin(), old_entries.end(), [&](uint64_t entry) {
@@ -505,6 +515,22 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
       co_return released;
     }
   }
+  co_return ok();
+}
+
+aio::Task<Result<void>> Qcow2Node::ensure_file_covers(uint64_t end) {
+  if (end <= file().length()) {
+    co_return ok();
+  }
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t target = (end + kFileGrowStep + cluster_size - 1) & ~(cluster_size - 1);
+  Result<void> grown = co_await io::truncate(file(), target, false);
+  if (!grown) {
+    // Growing ahead is an optimisation: fall back to exactly what is needed.
+    grown = co_await io::truncate(file(), end, false);
+    co_return grown;
+  }
+  file_grown_ahead_ = true;
   co_return ok();
 }
 
