@@ -287,6 +287,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // Allocates and writes (zeroed) an L2 table for L1 entry `l1_index` and points the L1 entry at
   // it. meta_ held.
   aio::Task<Result<uint64_t>> allocate_l2_table(uint64_t l1_index);
+  // Extends the image file past `end` in steps, so that the writes of new clusters do not each
+  // resize the file (QEMU's file driver writes past its end; strata's request layer does not).
+  // write_back_now shrinks the file back to the clusters in use. meta_ held.
+  aio::Task<Result<void>> ensure_file_covers(uint64_t end);
   // Metadata writes and flushes of the node itself (direct during write_back_now).
   aio::Task<Result<void>> meta_write(uint64_t offset, IoVector qiov);
   aio::Task<Result<void>> meta_flush();
@@ -307,10 +311,12 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::CoRwLock lock_;
   aio::CoMutex meta_;
   std::vector<std::shared_ptr<InflightAllocation>> inflight_;
-  bool l2_needs_refcounts_ = false;       // dirty L2 slices use clusters with dirty refcounts
-  bool l2_needs_flush_ = false;           // dirty L2 slices use clusters whose data is not flushed
-  bool refcounts_need_l2_ = false;        // dirty refcount drops wait for dirty L2 slices
-  bool direct_io_ = false;                // during write_back_now
+  bool l2_needs_refcounts_ = false;  // dirty L2 slices use clusters with dirty refcounts
+  bool l2_needs_flush_ = false;      // dirty L2 slices use clusters whose data is not flushed
+  bool refcounts_need_l2_ = false;   // dirty refcount drops wait for dirty L2 slices
+  bool direct_io_ = false;           // during write_back_now
+  bool file_grown_ahead_ = false;  // ensure_file_covers extended the file past the clusters in use
+  std::vector<uint8_t> zero_cluster_;     // zeroes for COW regions (written from, never changed)
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
 

@@ -85,6 +85,9 @@ class Refcounts {
   // Drops the cached blocks that are not dirty.
   void drop_clean();
 
+  // The end of every cluster in use or handed out (at least the image file's length at open).
+  uint64_t allocated_end_offset() const { return allocated_end_ << cluster_bits_; }
+
   uint64_t table_entries() const { return table_.size(); }
   uint64_t free_cluster_hint() const { return free_hint_; }
 

@@ -18,6 +18,8 @@ namespace {
 
 // Offset of the autoclear feature bits in a version 3 header (qcow2.rst "Header").
 constexpr uint64_t kHeaderAutoclearOffset = 88;
+// How far ensure_file_covers extends the image file beyond what an allocation needs.
+constexpr uint64_t kFileGrowStep = 8ull << 20;
 // The largest run of clusters one allocation covers (bounds the COW buffers and the time the
 // exclusive lock is held by one step).
 constexpr uint64_t kMaxAllocationBytes = 8ull << 20;
@@ -425,26 +427,40 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
     co_return std::move(host).error();
   }
 
-  // New clusters past the end of the file read as zeroes once the file covers them: extend it
-  // now (under meta_, so the next allocation sees the new end), and COW regions that read as
-  // zeroes anyway need no write (QEMU's is_zero_cow and zeroing of new clusters).
   const uint64_t host_end = *host + (count << cluster_bits);
-  const bool fresh = *host >= file().length();
-  Result<void> filled = ok();
-  if (host_end > file().length()) {
-    filled = co_await io::truncate(file(), host_end, false);
+  Result<void> covered = co_await ensure_file_covers(host_end);
+  if (!covered) {
+    Result<void> freed = co_await refcounts_->update(*host, count << cluster_bits, -1);
+    ignore_error(std::move(freed), "the clusters of a failed allocation only leak");
+    co_return covered;
   }
-  const bool cow_is_zero =
-      fresh && std::all_of(old_entries.begin(), old_entries.end(), [&](uint64_t entry) {
-        return reads_as_zeroes(entry, backing_child() != nullptr);
-      });
+
+  // COW regions of clusters that read as zeroes are written from a shared zero buffer, without
+  // reading anything (QEMU's is_zero_cow).
+  const bool cow_is_zero = std::all_of(old_entries.begin(), old_entries.end(), [&](uint64_t entry) {
+    return reads_as_zeroes(entry, backing_child() != nullptr);
+  });
 
   // 2. Data with the COW head and tail (old data, backing data or zeroes), without meta_: the
   //    clusters are in flight, so nothing else reads them as new or writes them.
   meta.unlock();
-  if (filled && cow_is_zero) {
+  Result<void> filled = ok();
+  if (cow_is_zero) {
+    const uint64_t head = offset - guest_start;
+    const uint64_t tail = guest_start + (count << cluster_bits) - (offset + bytes);
+    if (zero_cluster_.size() < std::max(head, tail)) {
+      zero_cluster_.assign(header_.cluster_size(), 0);
+    }
+    IoVector cluster_data;
+    if (head != 0) {
+      cluster_data.append(zero_cluster_.data(), head);
+    }
+    cluster_data.append(data);
+    if (tail != 0) {
+      cluster_data.append(zero_cluster_.data(), tail);
+    }
     block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
-    filled = co_await io::pwritev(file(), *host + (offset - guest_start), data);
+    filled = co_await write_growing(file(), *host, cluster_data);
   } else if (filled) {
     std::vector<uint8_t> head(offset - guest_start);
     std::vector<uint8_t> tail(guest_start + (count << cluster_bits) - (offset + bytes));
@@ -499,6 +515,22 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
       co_return released;
     }
   }
+  co_return ok();
+}
+
+aio::Task<Result<void>> Qcow2Node::ensure_file_covers(uint64_t end) {
+  if (end <= file().length()) {
+    co_return ok();
+  }
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t target = (end + kFileGrowStep + cluster_size - 1) & ~(cluster_size - 1);
+  Result<void> grown = co_await io::truncate(file(), target, false);
+  if (!grown) {
+    // Growing ahead is an optimisation: fall back to exactly what is needed.
+    grown = co_await io::truncate(file(), end, false);
+    co_return grown;
+  }
+  file_grown_ahead_ = true;
   co_return ok();
 }
 

@@ -142,7 +142,8 @@ aio::Task<Result<void>> Qcow2Node::write_caches_and_flush() {
 }
 
 Result<void> Qcow2Node::write_back_now() {
-  if (refcounts_ == nullptr || (!map_->l2_cache().has_dirty() && !refcounts_->has_dirty())) {
+  if (refcounts_ == nullptr ||
+      (!map_->l2_cache().has_dirty() && !refcounts_->has_dirty() && !file_grown_ahead_)) {
     return ok();
   }
   auto loop = aio::EventLoop::create(16);
@@ -155,6 +156,15 @@ Result<void> Qcow2Node::write_back_now() {
     Result<void> written = co_await node.write_caches();
     if (!written) {
       co_return written;
+    }
+    if (node.file_grown_ahead_) {
+      // Back to the clusters in use (the part ensure_file_covers added past them holds nothing).
+      const uint64_t end = node.refcounts_->allocated_end_offset();
+      if (end < node.file().length()) {
+        Result<void> shrunk = co_await node.file().co_truncate(end, true);
+        ignore_error(std::move(shrunk), "the file only stays longer than needed");
+      }
+      node.file_grown_ahead_ = false;
     }
     Result<void> flushed = co_await node.meta_flush();
     co_return flushed;
