@@ -30,6 +30,12 @@ IoThread::~IoThread() {
 
 Daemon::Daemon(aio::EventLoop& main_loop)
     : main_loop_(main_loop), monitors_(main_loop, commands_, version_info()) {
+  // Node events reach the monitors on the main loop, whichever loop raised them.
+  graph_.set_event_sink([this](std::string name, nlohmann::json data) {
+    main_loop_.post([this, name = std::move(name), data = std::move(data)] {
+      monitors_.emit_event(name, data);
+    });
+  });
   register_commands();
   register_block_commands();
 }

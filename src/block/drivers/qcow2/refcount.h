@@ -67,6 +67,8 @@ class Refcounts {
   aio::Task<Result<void>> update(uint64_t offset, uint64_t length, int64_t addend);
 
   uint64_t table_entries() const { return table_.size(); }
+  // Refcount table entry `index` as stored (0 past the table); for the overlap checks.
+  uint64_t table_entry(uint64_t index) const { return index < table_.size() ? table_[index] : 0; }
   uint64_t free_cluster_hint() const { return free_hint_; }
 
  private:

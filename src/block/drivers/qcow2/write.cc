@@ -9,6 +9,7 @@
 #include "block/drivers/blkdebug/events.h"
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/metadata_io.h"
+#include "block/drivers/qcow2/overlap.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/io/request.h"
 
@@ -51,17 +52,11 @@ bool writable_in_place(uint64_t entry) {
 
 Result<void> Qcow2Node::prepare_writes(
     const Extensions& extensions, uint64_t refcount_cache_blocks,
-    const std::function<Result<void>(aio::Task<Result<void>>)>& run) {
+    const std::function<Result<void>(aio::Task<Result<void>>)>& run, bool active) {
   // QEMU refuses these too (qcow2_do_open).
   if (header_.incompatible_features & kIncompatCorrupt) {
-    return Error(ErrorKind::kPermission, "Image is corrupt; cannot be opened read/write", EACCES);
-  }
-  if (header_.incompatible_features & kIncompatDirty) {
-    // QEMU rebuilds the refcounts of an image left dirty by lazy refcounts; strata does not yet.
-    return Error(ErrorKind::kUnsupported,
-                 "qcow2 image is dirty (lazy refcounts were not written back); repair it with "
-                 "'qemu-img check -r all' before opening it read-write",
-                 ENOTSUP);
+    return Error(ErrorKind::kPermission, "qcow2: Image is corrupt; cannot be opened read/write",
+                 EACCES);
   }
   if (header_.extended_l2()) {
     return read_only_only("with extended L2 entries");
@@ -81,6 +76,12 @@ Result<void> Qcow2Node::prepare_writes(
                      header_.cluster_size(), "Reference count table");
   if (!valid) {
     return valid;
+  }
+  if ((header_.incompatible_features & kIncompatDirty) != 0 && active) {
+    Result<void> repaired = run(repair_dirty_image());
+    if (!repaired) {
+      return repaired;
+    }
   }
   Result<void> loaded = run(load_refcounts(refcount_cache_blocks));
   if (!loaded) {
@@ -177,6 +178,10 @@ aio::Task<Result<void>> Qcow2Node::read_for_cow(uint64_t offset, std::vector<uin
 
 aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
                                               uint32_t flags) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   {
     auto shared = co_await lock_.scoped_read_lock();
     Result<bool> in_place = co_await write_in_place(offset, bytes, qiov, flags);
@@ -220,6 +225,10 @@ aio::Task<Result<bool>> Qcow2Node::write_in_place(uint64_t offset, uint64_t byte
     pos += n;
   }
   for (const Run& run : runs) {
+    Result<void> allowed = co_await pre_write_overlap_check(0, run.host, run.bytes, true);
+    if (!allowed) {
+      co_return std::move(allowed).error();
+    }
     block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
     Result<void> written = co_await write_growing(file(), run.host, qiov.slice(run.at, run.bytes),
                                                   flags & kRequestFua);
@@ -247,6 +256,11 @@ aio::Task<Result<void>> Qcow2Node::write_allocating(uint64_t offset, uint64_t by
     const uint64_t in_cluster = pos & (cluster_size - 1);
     uint64_t n = std::min(end - pos, cluster_size - in_cluster);
     if (writable_in_place(ref->entry)) {
+      Result<void> allowed =
+          co_await pre_write_overlap_check(0, (ref->entry & kL2OffsetMask) + in_cluster, n, true);
+      if (!allowed) {
+        co_return allowed;
+      }
       block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
       Result<void> written =
           co_await write_growing(file(), (ref->entry & kL2OffsetMask) + in_cluster,
@@ -356,8 +370,13 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(const L2Ref& first, uint64_t off
   cluster_data.append(head.data(), head.size());
   cluster_data.append(data);
   cluster_data.append(tail.data(), tail.size());
+  Result<void> written =
+      co_await pre_write_overlap_check(0, *host, cluster_data.size(), /*data_file=*/true);
+  if (!written) {
+    co_return written;
+  }
   block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
-  Result<void> written = co_await write_growing(file(), *host, cluster_data);
+  written = co_await write_growing(file(), *host, cluster_data);
   if (!written) {
     co_return written;
   }
@@ -372,10 +391,20 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(const L2Ref& first, uint64_t off
     for (uint64_t i = 0; i < count; ++i) {
       put_be64(table.data() + (first.l2_index + i) * 8, entries[i]);
     }
+    written = co_await pre_write_overlap_check(kOverlapActiveL2, new_l2, cluster_size, false);
+    if (!written) {
+      co_return written;
+    }
     written = co_await write_growing(file(), new_l2, IoVector(table.data(), table.size()));
     if (!written) {
       co_return written;
     }
+  }
+
+  // Lazy refcounts: the dirty bit is on disk before the first L2/L1 update (dirty.cc).
+  Result<void> dirty = co_await mark_dirty();
+  if (!dirty) {
+    co_return dirty;
   }
 
   // 4. Barrier: refcounts, data and the new L2 table are stable before they are published.
@@ -417,7 +446,12 @@ aio::Task<Result<void>> Qcow2Node::write_l2_entries(uint64_t l2_offset, uint64_t
   for (size_t i = 0; i < entries.size(); ++i) {
     put_be64(raw.data() + i * 8, entries[i]);
   }
-  Result<void> written =
+  Result<void> written = co_await pre_write_overlap_check(
+      kOverlapActiveL2, l2_offset + l2_index * 8, raw.size(), false);
+  if (!written) {
+    co_return written;
+  }
+  written =
       co_await write_growing(file(), l2_offset + l2_index * 8, IoVector(raw.data(), raw.size()));
   if (!written) {
     // The file may hold the new entries or the old ones; make the next lookup read it again.
@@ -435,7 +469,12 @@ aio::Task<Result<void>> Qcow2Node::write_l2_entries(uint64_t l2_offset, uint64_t
 aio::Task<Result<void>> Qcow2Node::write_l1_entry(uint64_t l1_index, uint64_t entry) {
   uint8_t raw[8];
   put_be64(raw, entry);
-  Result<void> written =
+  Result<void> written = co_await pre_write_overlap_check(
+      kOverlapActiveL1, header_.l1_table_offset + l1_index * 8, 8, false);
+  if (!written) {
+    co_return written;
+  }
+  written =
       co_await write_growing(file(), header_.l1_table_offset + l1_index * 8, IoVector(raw, 8));
   if (!written) {
     co_return written;
@@ -484,6 +523,10 @@ aio::Task<Result<void>> Qcow2Node::release_entry(uint64_t entry) {
 
 aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t offset, uint64_t bytes,
                                                     uint32_t flags) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   // Zero flags exist from version 3 on; partial clusters are left to the request layer, which
   // writes zero buffers when the driver says ENOTSUP.
   const uint64_t mask = header_.cluster_size() - 1;
@@ -506,6 +549,10 @@ aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t offset, uint64_t by
 }
 
 aio::Task<Result<void>> Qcow2Node::co_pdiscard(uint64_t offset, uint64_t bytes) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   const uint64_t mask = header_.cluster_size() - 1;
   const bool whole_clusters =
       (offset & mask) == 0 && ((bytes & mask) == 0 || offset + bytes == length());
