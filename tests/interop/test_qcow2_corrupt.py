@@ -130,3 +130,20 @@ def test_dirty_image_repaired_on_read_write_open(daemon):
     assert q.cmd("blockdev-del", node_name="q0") == {"return": {}}
     assert run("qemu-img", "check", path).returncode == 0
     assert run("qemu-io", "-c", "read -P 0x5a 0 128k", path).returncode == 0
+
+
+def test_corrupt_image_opens_read_only_only(daemon):
+    d = daemon()
+    q = d.qmp
+    path = crafted_image(daemon.workdir)
+    with open(path, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 2))
+    reply = add_qcow2(q, path)
+    assert reply["error"] == {
+        "class": "GenericError",
+        "desc": "qcow2: Image is corrupt; cannot be opened read/write",
+    }
+    assert add_qcow2(q, path, read_only=True) == {"return": {}}
+    assert q.cmd("blockdev-del", node_name="q0") == {"return": {}}
+    assert incompatible_features(path) == 2
