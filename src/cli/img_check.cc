@@ -183,6 +183,7 @@ int check_main(int argc, char** argv) {
     file_request.image_opts = qemu_json(file->full_options(), false);
     file_request.read_only = false;
     file_request.force_share = request.force_share;
+    file_request.discard_unmap = true;  // freed clusters are discarded, as QEMU does
     image.reset();
     writable = open_image_or_report(file_request, *file_request.image_opts, true);
     if (!writable) {

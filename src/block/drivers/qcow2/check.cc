@@ -452,6 +452,9 @@ class Checker {
       co_return ok();
     }
     corrupt_marked_ = true;
+    if (header_.version < 3) {
+      co_return ok();  // a version 2 header has no feature bits to store it in
+    }
     const uint64_t features = header_.incompatible_features | kIncompatCorrupt;
     Result<void> written = co_await write_incompatible_features(file_, features);
     if (written) {
@@ -569,6 +572,9 @@ class Checker {
                   static_cast<int64_t>(i), refcount, references));
       if (num_fixed != nullptr && set_disk_refcount(i, references)) {
         (*num_fixed)++;
+        if (references == 0) {
+          freed_clusters_.push_back(i);
+        }
         continue;
       }
       if (refcount < references) {
@@ -608,7 +614,17 @@ class Checker {
       }
     }
     dirty_refblocks_.clear();
-    co_return co_await io::flush(file_);
+    Result<void> flushed = co_await io::flush(file_);
+    if (!flushed) {
+      co_return flushed;
+    }
+    // QEMU frees repaired leaks with QCOW2_DISCARD_ALWAYS. Advisory: a failure changes nothing.
+    for (const uint64_t cluster : freed_clusters_) {
+      ignore_error(co_await io::pdiscard(file_, cluster * cluster_size_, cluster_size_),
+                   "discard of a freed cluster is advisory");
+    }
+    freed_clusters_.clear();
+    co_return ok();
   }
 
   // Switches to a rebuilt refcount structure: later lookups read the new blocks.
@@ -774,6 +790,7 @@ class Checker {
   CheckMessageSink sink_;
   bool rebuild_ = false;
   std::set<uint64_t> dirty_refblocks_;
+  std::vector<uint64_t> freed_clusters_;  // leaks repaired to refcount 0, to be discarded
   uint64_t cluster_size_;
   bool has_data_file_;
   uint32_t refcount_order_;

@@ -168,7 +168,11 @@ aio::Task<void> Qcow2Node::signal_corruption(bool fatal, int64_t offset, int64_t
     // QEMU's qcow2_mark_corrupt, then the node is unusable (QEMU drops its driver).
     corrupted_ = true;
     const uint64_t features = header_.incompatible_features | kIncompatCorrupt;
-    Result<void> marked = co_await write_incompatible_features(file(), features);
+    // A version 2 header has no feature bits: the node is unusable all the same.
+    Result<void> marked = ok();
+    if (header_.version >= 3) {
+      marked = co_await write_incompatible_features(file(), features);
+    }
     if (marked) {
       header_.incompatible_features = features;
     } else {

@@ -44,7 +44,8 @@ aio::Task<Result<RebuiltRefcounts>> rebuild_refcount_structure(Node& file, const
 // `header` is updated to match. No-op when neither bit is set.
 aio::Task<Result<void>> mark_clean_and_consistent(Node& file, Header& header);
 
-// Writes the header's incompatible feature bits (qcow2.rst "Header", bytes 72-79) and flushes.
+// Writes the header's incompatible feature bits (qcow2.rst "Header", bytes 72-79; version 3
+// images only: callers check) and flushes.
 aio::Task<Result<void>> write_incompatible_features(Node& file, uint64_t features);
 
 }  // namespace strata::block::qcow2
