@@ -1,6 +1,6 @@
 // `strata img check`: qemu-img check's options, output (human and JSON) and exit codes over the
-// read-only qcow2 checker. Repair (-r) is not implemented: it is refused before the image is
-// opened.
+// qcow2 checker, with repair (-r leaks|all) as qemu-img does it: the first pass repairs, and when
+// it fixed anything a second, read-only pass reports the state of the repaired image.
 
 #include <getopt.h>
 
@@ -10,6 +10,7 @@
 
 #include "base/qemu_json.h"
 #include "block/drivers/qcow2/check.h"
+#include "block/drivers/qcow2/repair.h"
 #include "cli/img_internal.h"
 
 namespace strata::cli::img {
@@ -67,6 +68,8 @@ nlohmann::json image_check_json(const block::qcow2::CheckResult& check, const st
   optional("image-end-offset", check.image_end_offset);
   optional("corruptions", check.corruptions);
   optional("leaks", check.leaks);
+  optional("corruptions-fixed", check.corruptions_fixed);
+  optional("leaks-fixed", check.leaks_fixed);
   optional("total-clusters", check.total_clusters);
   optional("allocated-clusters", check.allocated_clusters);
   optional("fragmented-clusters", check.fragmented_clusters);
@@ -98,8 +101,8 @@ int check_main(int argc, char** argv) {
     switch (c) {
       case 'h':
         std::printf(
-            "usage: strata img check [-f FMT] [--output=human|json] [-q] [-U] [--image-opts] "
-            "FILENAME\n");
+            "usage: strata img check [-f FMT] [--output=human|json] [-q] [-U] [-r leaks|all] "
+            "[--image-opts] FILENAME\n");
         return 0;
       case 'f':
         request.format = optarg;
@@ -146,9 +149,10 @@ int check_main(int argc, char** argv) {
     report("--output must be used with human or json as argument.");
     return 1;
   }
+  uint32_t fix = 0;
   if (repair) {
-    report("Repair (-r " + *repair + ") is not supported by strata img check yet");
-    return 1;
+    fix = *repair == "all" ? (block::qcow2::kFixLeaks | block::qcow2::kFixErrors)
+                           : block::qcow2::kFixLeaks;
   }
   auto image = open_image_or_report(request, filename, image_opts);
   if (!image) {
@@ -169,7 +173,50 @@ int check_main(int argc, char** argv) {
     report("This image format does not support checks");
     return 63;
   }
-  auto checked = session->loop().block_on(block::qcow2::check_image(*file));
+  const std::string format = node.format_name();
+  // Repair writes the image file beneath the qcow2 driver (QEMU opens it with BDRV_O_CHECK, which
+  // skips the dirty-bit repair and the corrupt-bit refusal of a read-write open): the format was
+  // validated by the read-only open above; now only its file is opened, read-write.
+  std::optional<OpenedImage> writable;
+  if (fix != 0) {
+    ImageOpenRequest file_request;
+    file_request.image_opts = qemu_json(file->full_options(), false);
+    file_request.read_only = false;
+    file_request.force_share = request.force_share;
+    file_request.discard_unmap = true;  // freed clusters are discarded, as QEMU does
+    image.reset();
+    writable = open_image_or_report(file_request, *file_request.image_opts, true);
+    if (!writable) {
+      return 1;
+    }
+    file = writable->node;
+  }
+  auto& loop = writable ? writable->session->loop() : session->loop();
+  auto print_message = [](const std::string& line, bool program_prefixed) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "%s%s%s\n", program_prefixed ? kProgram : "", program_prefixed ? ": " : "",
+                 line.c_str());
+  };
+  auto checked = loop.block_on(block::qcow2::check_image(*file, fix, print_message));
+  if (checked && (checked->corruptions_fixed != 0 || checked->leaks_fixed != 0)) {
+    if (!quiet && !json) {
+      std::printf(
+          "The following inconsistencies were found and repaired:\n\n"
+          "    %" PRIu64
+          " leaked clusters\n"
+          "    %" PRIu64
+          " corruptions\n\n"
+          "Double checking the fixed image now...\n",
+          checked->leaks_fixed, checked->corruptions_fixed);
+    }
+    const uint64_t leaks_fixed = checked->leaks_fixed;
+    const uint64_t corruptions_fixed = checked->corruptions_fixed;
+    checked = loop.block_on(block::qcow2::check_image(*file, 0, print_message));
+    if (checked) {
+      checked->leaks_fixed = leaks_fixed;
+      checked->corruptions_fixed = corruptions_fixed;
+    }
+  }
   if (!checked) {
     std::fflush(stdout);
     std::fprintf(stderr, "%s: Check failed: %s\n", kProgram, errno_text(checked.error()).c_str());
@@ -177,13 +224,9 @@ int check_main(int argc, char** argv) {
   }
   const block::qcow2::CheckResult& check = *checked;
   std::fflush(stdout);
-  for (const auto& line : check.messages) {
-    std::fprintf(stderr, "%s\n", line.c_str());
-  }
   if (!quiet) {
     if (json) {
-      std::printf("%s\n",
-                  qemu_json(image_check_json(check, filename, node.format_name()), true).c_str());
+      std::printf("%s\n", qemu_json(image_check_json(check, filename, format), true).c_str());
     } else {
       dump_human(check);
     }

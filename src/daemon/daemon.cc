@@ -37,6 +37,12 @@ Daemon::Daemon(aio::EventLoop& main_loop)
             "JOB_STATUS_CHANGE",
             {{"id", job.id()}, {"status", std::string(block::job::status_name(job.status()))}});
       }) {
+  // Node events reach the monitors on the main loop, whichever loop raised them.
+  graph_.set_event_sink([this](std::string name, nlohmann::json data) {
+    main_loop_.post([this, name = std::move(name), data = std::move(data)] {
+      monitors_.emit_event(name, data);
+    });
+  });
   register_commands();
   register_block_commands();
   register_job_commands();

@@ -94,6 +94,18 @@ class Graph {
   // Called by ~Node: unregisters and detaches the node's children.
   void node_destroyed(Node& node);
 
+  // ---- events -----------------------------------------------------------------------------
+  // QMP events raised by nodes (BLOCK_IMAGE_CORRUPTED): the daemon installs a sink that hands
+  // them to its monitors; without one (strata img, strata io) they are dropped. emit_event may be
+  // called from any node's home loop; the sink decides where the event is delivered.
+  using EventSink = std::function<void(std::string name, nlohmann::json data)>;
+  void set_event_sink(EventSink sink) { event_sink_ = std::move(sink); }
+  void emit_event(std::string name, nlohmann::json data) const {
+    if (event_sink_) {
+      event_sink_(std::move(name), std::move(data));
+    }
+  }
+
  private:
   Result<void> refresh_perms_in(const std::vector<Node*>& nodes, Transaction& tx);
   Result<void> refresh_node_perm(Node& node, Transaction& tx);
@@ -105,6 +117,7 @@ class Graph {
   std::vector<Node*> creation_order_;
   std::vector<std::shared_ptr<Node>> monitor_owned_;
   uint64_t next_generated_name_ = 1;
+  EventSink event_sink_;
 };
 
 }  // namespace strata::block

@@ -12,6 +12,7 @@
 #include "block/drivers/qcow2/compressed.h"
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/metadata_io.h"
+#include "block/drivers/qcow2/overlap.h"
 #include "block/io/request.h"
 
 namespace strata::block::qcow2 {
@@ -166,7 +167,9 @@ std::unique_ptr<DriverOptions> Qcow2Node::parse(ArgDecoder& d) {
       ArgDecoder o = d.nested(*overlap, "overlap-check");
       options->overlap_check = o.opt_enum("template", kOverlapModes);
       for (const char* flag : kOverlapFlags) {
-        (void)o.opt_bool(flag);
+        if (std::optional<bool> value = o.opt_bool(flag)) {
+          options->overlap_flags[flag] = *value;
+        }
       }
       ignore_error(o.finish(), "recorded in the shared decoder state");
     } else {
@@ -255,12 +258,14 @@ Result<CacheSizes> compute_cache_sizes(const Header& header, const Qcow2Options&
 
 Qcow2Node::Qcow2Node(CommonOptions common) : Node(std::move(common)) {}
 Qcow2Node::~Qcow2Node() {
-  // QEMU's qcow2_close: the persistent bitmaps of an active node are stored, then dirty
-  // metadata reaches the file (an error can only be reported).
+  // QEMU's qcow2_close: the persistent bitmaps of an active node are stored, dirty metadata
+  // reaches the file, then the dirty bit of lazy refcounts is cleared (errors can only be
+  // reported).
   if (active_ && refcounts_ != nullptr) {
     (void)store_bitmaps_now(/*release=*/true);
   }
   ignore_error(write_back_now(), "closing a qcow2 node cannot fail");
+  mark_clean_at_close();
 }
 
 Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
@@ -314,25 +319,33 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   // The active L1 table. Only the entries stored in the file are kept: the rest read as zero
   // (unallocated), so the memory used is bounded by the file size, not by the header.
   std::vector<uint64_t> l1;
-  if (header_.l1_size > 0) {
-    const uint64_t file_length = file().length();
-    const uint64_t l1_bytes = uint64_t{header_.l1_size} * 8;
-    const uint64_t stored = header_.l1_table_offset >= file_length
-                                ? 0
-                                : std::min(l1_bytes, file_length - header_.l1_table_offset);
-    // QEMU's block layer refuses requests ending past BDRV_MAX_LENGTH with EIO.
-    constexpr uint64_t kMaxRequestEnd = (uint64_t{1} << 63) - (uint64_t{1} << 30);
-    if (header_.l1_table_offset > kMaxRequestEnd - l1_bytes) {
-      return Error(ErrorKind::kIo, "Could not read L1 table: Input/output error", EIO);
+  auto read_l1 = [&]() -> Result<void> {
+    l1.clear();
+    if (header_.l1_size > 0) {
+      const uint64_t file_length = file().length();
+      const uint64_t l1_bytes = uint64_t{header_.l1_size} * 8;
+      const uint64_t stored = header_.l1_table_offset >= file_length
+                                  ? 0
+                                  : std::min(l1_bytes, file_length - header_.l1_table_offset);
+      // QEMU's block layer refuses requests ending past BDRV_MAX_LENGTH with EIO.
+      constexpr uint64_t kMaxRequestEnd = (uint64_t{1} << 63) - (uint64_t{1} << 30);
+      if (header_.l1_table_offset > kMaxRequestEnd - l1_bytes) {
+        return Error(ErrorKind::kIo, "Could not read L1 table: Input/output error", EIO);
+      }
+      auto raw = reader->read(file(), header_.l1_table_offset, static_cast<size_t>(stored / 8 * 8));
+      if (!raw) {
+        return raw.error().with_prefix("Could not read L1 table");
+      }
+      l1.resize(raw->size() / 8);
+      for (size_t i = 0; i < l1.size(); ++i) {
+        l1[i] = load_be64(raw->data() + i * 8);
+      }
     }
-    auto raw = reader->read(file(), header_.l1_table_offset, static_cast<size_t>(stored / 8 * 8));
-    if (!raw) {
-      return raw.error().with_prefix("Could not read L1 table");
-    }
-    l1.resize(raw->size() / 8);
-    for (size_t i = 0; i < l1.size(); ++i) {
-      l1[i] = load_be64(raw->data() + i * 8);
-    }
+    return ok();
+  };
+  Result<void> l1_read = read_l1();
+  if (!l1_read) {
+    return l1_read;
   }
 
   // Options (QEMU's qcow2_update_options_prepare).
@@ -419,9 +432,10 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
     if (!entry) {
       return entry.error().with_prefix("Failed to read snapshot table");
     }
-    const uint32_t extra = load_be32(entry->data() + 32);
-    const uint16_t id_size = load_be16(entry->data() + 36);
-    const uint16_t name_size = load_be16(entry->data() + 38);
+    // QCowSnapshotHeader: id_str_size at 12, name_size at 14, extra_data_size at 36.
+    const uint16_t id_size = load_be16(entry->data() + 12);
+    const uint16_t name_size = load_be16(entry->data() + 14);
+    const uint32_t extra = load_be32(entry->data() + 36);
     if (extra > kMaxSnapshotExtraData) {
       return Error(ErrorKind::kInvalidArgument,
                    "Too much extra metadata in snapshot table entry " + std::to_string(i), EFBIG);
@@ -431,10 +445,6 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
       return Error(ErrorKind::kInvalidArgument, "Snapshot table is too big", EFBIG);
     }
   }
-
-  map_ = std::make_unique<ClusterMap>(header_, std::move(l1), data_file_ != nullptr,
-                                      caches->l2_slices, caches->l2_slice_bytes);
-  pass_discard_request_ = options.pass_discard_request.value_or(true);
 
   header_contents_.backing_file = image_backing_file_;
   header_contents_.backing_format = image_backing_format_;
@@ -448,19 +458,34 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
                                            cluster->begin() + header_.header_length);
   }
 
-  const bool writable = !context.options().read_only;
-  if (writable) {
-    auto prepared =
-        prepare_writes(*extensions, caches->refcount_blocks,
-                       [&](aio::Task<Result<void>> task) { return reader->run(std::move(task)); });
+  pass_discard_request_ = options.pass_discard_request.value_or(true);
+  overlap_checks_ = overlap_checks(options.overlap_check, options.overlap_flags);
+  snapshots_size_ = header_.nb_snapshots > 0 ? offset - header_.snapshots_offset : 0;
+  lazy_refcounts_ =
+      options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0);
+  if (!context.options().read_only) {
+    const bool was_dirty = (header_.incompatible_features & kIncompatDirty) != 0;
+    Result<void> prepared = prepare_writes(
+        *extensions, caches->refcount_blocks,
+        [&](aio::Task<Result<void>> task) { return reader->run(std::move(task)); },
+        context.options().active);
     if (!prepared) {
       return prepared;
     }
+    if (was_dirty) {
+      // The repair may have rewritten L1 entries (OFLAG_COPIED).
+      l1_read = read_l1();
+      if (!l1_read) {
+        return l1_read;
+      }
+    }
   }
+  map_ = std::make_unique<ClusterMap>(header_, std::move(l1), data_file_ != nullptr,
+                                      caches->l2_slices, caches->l2_slice_bytes);
   // QEMU loads the persistent bitmaps of active nodes only (an inactive one is reloaded when it
   // is activated).
   if (context.options().active) {
-    return reader->run(load_bitmaps(writable));
+    return reader->run(load_bitmaps(!context.options().read_only));
   }
   return ok();
 }
@@ -503,6 +528,10 @@ Result<void> Qcow2Node::open_backing(OpenContext& context, const Qcow2Options& o
 
 aio::Task<Result<void>> Qcow2Node::co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
                                              uint32_t) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   auto shared = co_await lock_.scoped_read_lock();
   Result<void> read = co_await read_unlocked(offset, bytes, qiov);
   co_return read;
@@ -635,6 +664,10 @@ aio::Task<Result<bool>> Qcow2Node::detect_metadata_preallocation() {
 }
 
 aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint64_t bytes) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return std::move(usable).error();
+  }
   if (!metadata_preallocation_) {
     Result<bool> detected = co_await detect_metadata_preallocation();
     if (!detected) {

@@ -19,8 +19,11 @@
 // - a new L2 table is written (zeroed) and its refcount made durable before the L1 entry, which
 //   is written through, points at it; refcount blocks and table growth are written through with
 //   their own barriers (refcount.h).
-// Refcounts are always exact (lazy-refcounts is accepted and never used), so the dirty bit is
-// never set.
+// Refcounts are always exact; with lazy-refcounts the dirty bit is still set before the first
+// allocating write publishes anything and cleared at close, as QEMU does, so QEMU repairs the
+// image after a crash (dirty.cc). A read-write open of a dirty image repairs it first
+// (repair.h). Before guest data or metadata is written to a host offset, the overlap checks
+// (overlap.cc) make sure it is not live metadata; a hit marks the image corrupt.
 //
 // Locking: lock_ keeps clusters alive. Reads, block status, in-place writes (allocated, refcount
 // 1: OFLAG_COPIED) and allocating writes that free nothing hold it shared for their whole
@@ -36,6 +39,7 @@
 // the kRoleData `data-file` child); `backing` is kRoleCow.
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -63,7 +67,8 @@ struct Qcow2Options : DriverOptions {
   std::optional<bool> pass_discard_snapshot;
   std::optional<bool> pass_discard_other;
   std::optional<bool> discard_no_unref;
-  std::optional<std::string> overlap_check;  // the template (mode or the object's `template`)
+  std::optional<std::string> overlap_check;   // the template (mode or the object's `template`)
+  std::map<std::string, bool> overlap_flags;  // per-structure flags given ("active-l1": false)
   std::optional<int64_t> cache_size;
   std::optional<int64_t> l2_cache_size;
   std::optional<int64_t> l2_cache_entry_size;
@@ -191,8 +196,43 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   };
   // Read-write open: refuses what the writer does not support, loads the refcount table and
   // clears unknown autoclear bits. `run` executes a task to completion (open is synchronous).
+  // An active node repairs a dirty image first (dirty.cc).
   Result<void> prepare_writes(const Extensions& extensions, uint64_t refcount_cache_blocks,
-                              const std::function<Result<void>(aio::Task<Result<void>>)>& run);
+                              const std::function<Result<void>(aio::Task<Result<void>>)>& run,
+                              bool active);
+
+  // ---- dirty bit and lazy refcounts (dirty.cc) ----
+  // QEMU's qcow2_do_open repair: runs the check with kFixErrors | kFixLeaks on the image file
+  // (before the refcounts are loaded), printing its messages on stderr as QEMU does; fails with
+  // "Could not repair dirty image" when the check fails or hits internal errors. Clears the dirty
+  // bit when nothing is left broken, and takes the repaired header.
+  aio::Task<Result<void>> repair_dirty_image();
+  // QEMU's qcow2_mark_dirty under lazy-refcounts: before the first allocating write publishes
+  // anything, flushes the file and sets the dirty bit on disk. No-op without lazy refcounts or
+  // when the bit is set. Caller holds lock_ exclusively.
+  aio::Task<Result<void>> mark_dirty();
+  // QEMU's qcow2_mark_clean at close and inactivation: flushes the node, then clears the dirty
+  // bit of a read-write image (strata's refcounts are always exact). Errors are reported on
+  // stderr and leave the bit set (the next read-write open repairs).
+  void mark_clean_at_close();
+
+  // ---- overlap checks and the corrupt bit (overlap.cc) ----
+  // QEMU's qcow2_check_metadata_overlap: the bit (overlap.h) of a structure among the enabled
+  // checks minus `ignore` that the clusters of [offset, offset + size) overlap, 0 for none.
+  uint32_t metadata_overlap(uint32_t ignore, uint64_t offset, uint64_t size) const;
+  // QEMU's qcow2_pre_write_overlap_check: call before writing [offset, offset + size) of the
+  // image file (`data_file`: a guest data write, not checked when the data lives in an external
+  // data file). On an overlap the image is marked corrupt (signal_corruption) and EIO returned;
+  // once corrupt, every further write fails.
+  aio::Task<Result<void>> pre_write_overlap_check(uint32_t ignore, uint64_t offset, uint64_t size,
+                                                  bool data_file);
+  // QEMU's qcow2_signal_corruption: prints QEMU's message on stderr and emits
+  // BLOCK_IMAGE_CORRUPTED once; when `fatal` (and the node is writable) sets the corrupt bit on
+  // disk and makes the node unusable (check_usable fails every later request, as QEMU's
+  // bs->drv = NULL does). `offset`/`size` < 0: not given.
+  aio::Task<void> signal_corruption(bool fatal, int64_t offset, int64_t size, std::string message);
+  // Fails with ENOMEDIUM ("No medium found") after a fatal corruption.
+  Result<void> check_usable() const;
   aio::Task<Result<void>> load_refcounts(uint64_t cache_blocks);
   aio::Task<Result<void>> clear_autoclear_bits();
   // The autoclear bits a read-write open keeps: bitmaps while the extension is valid.
@@ -319,6 +359,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   std::vector<uint8_t> zero_cluster_;     // zeroes for COW regions (written from, never changed)
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
+  bool lazy_refcounts_ = false;  // lazy-refcounts option (default: the image's compat bit)
+  uint32_t overlap_checks_ = 0;  // OverlapBits enabled by the overlap-check option
+  uint64_t snapshots_size_ = 0;  // bytes of the snapshot table
+  bool signaled_corruption_ = false;
+  bool corrupted_ = false;  // a fatal corruption was signalled: no more I/O
 
   Header header_;
   std::optional<bool> metadata_preallocation_;

@@ -89,6 +89,8 @@ class Refcounts {
   uint64_t allocated_end_offset() const { return allocated_end_ << cluster_bits_; }
 
   uint64_t table_entries() const { return table_.size(); }
+  // Refcount table entry `index` as stored (0 past the table); for the overlap checks.
+  uint64_t table_entry(uint64_t index) const { return index < table_.size() ? table_[index] : 0; }
   uint64_t free_cluster_hint() const { return free_hint_; }
 
  private:

@@ -9,6 +9,7 @@
 #include "block/drivers/blkdebug/events.h"
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/metadata_io.h"
+#include "block/drivers/qcow2/overlap.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/io/request.h"
 
@@ -64,18 +65,12 @@ bool reads_as_zeroes(uint64_t entry, bool has_backing) {
 // ---- open ----------------------------------------------------------------------------------
 
 Result<void> Qcow2Node::prepare_writes(
-    const Extensions& /*extensions*/, uint64_t refcount_cache_blocks,
-    const std::function<Result<void>(aio::Task<Result<void>>)>& run) {
+    const Extensions& extensions, uint64_t refcount_cache_blocks,
+    const std::function<Result<void>(aio::Task<Result<void>>)>& run, bool active) {
   // QEMU refuses these too (qcow2_do_open).
   if (header_.incompatible_features & kIncompatCorrupt) {
-    return Error(ErrorKind::kPermission, "Image is corrupt; cannot be opened read/write", EACCES);
-  }
-  if (header_.incompatible_features & kIncompatDirty) {
-    // QEMU rebuilds the refcounts of an image left dirty by lazy refcounts; strata does not yet.
-    return Error(ErrorKind::kUnsupported,
-                 "qcow2 image is dirty (lazy refcounts were not written back); repair it with "
-                 "'qemu-img check -r all' before opening it read-write",
-                 ENOTSUP);
+    return Error(ErrorKind::kPermission, "qcow2: Image is corrupt; cannot be opened read/write",
+                 EACCES);
   }
   if (header_.extended_l2()) {
     return read_only_only("with extended L2 entries");
@@ -92,6 +87,12 @@ Result<void> Qcow2Node::prepare_writes(
                      header_.cluster_size(), "Reference count table");
   if (!valid) {
     return valid;
+  }
+  if ((header_.incompatible_features & kIncompatDirty) != 0 && active) {
+    Result<void> repaired = run(repair_dirty_image());
+    if (!repaired) {
+      return repaired;
+    }
   }
   Result<void> loaded = run(load_refcounts(refcount_cache_blocks));
   if (!loaded) {
@@ -192,6 +193,10 @@ aio::Task<Result<void>> Qcow2Node::read_for_cow(uint64_t offset, std::vector<uin
 
 aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
                                               uint32_t flags) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   uint64_t done = 0;
   {
     auto shared = co_await lock_.scoped_read_lock();
@@ -252,6 +257,10 @@ aio::Task<Result<bool>> Qcow2Node::write_in_place(uint64_t offset, uint64_t byte
     pos += n;
   }
   for (const Run& run : runs) {
+    Result<void> allowed = co_await pre_write_overlap_check(0, run.host, run.bytes, true);
+    if (!allowed) {
+      co_return std::move(allowed).error();
+    }
     block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
     Result<void> written = co_await write_growing(file(), run.host, qiov.slice(run.at, run.bytes),
                                                   flags & kRequestFua);
@@ -296,6 +305,11 @@ aio::Task<Result<uint64_t>> Qcow2Node::write_clusters(uint64_t offset, uint64_t 
       co_return std::move(ref).error();
     }
     if (writable_in_place(ref->entry)) {
+      Result<void> allowed =
+          co_await pre_write_overlap_check(0, (ref->entry & kL2OffsetMask) + in_cluster, n, true);
+      if (!allowed) {
+        co_return allowed;
+      }
       meta.unlock();
       block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
       Result<void> written =
@@ -357,7 +371,11 @@ aio::Task<Result<uint64_t>> Qcow2Node::allocate_l2_table(uint64_t l1_index) {
   // QEMU's l2_allocate: the (empty) table and its refcount are durable before the L1 entry
   // points at it.
   const uint64_t cluster_size = header_.cluster_size();
-  Result<void> written = ok();
+  Result<void> written = co_await pre_write_overlap_check(kOverlapActiveL2, *table, cluster_size,
+                                                          /*data_file=*/false);
+  if (!written) {
+    co_return std::move(written).error();
+  }
   if (*table >= file().length()) {
     written = co_await io::truncate(file(), *table + cluster_size, false);  // reads as zeroes
   } else {
@@ -478,6 +496,10 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
       cluster_data.append(head.data(), head.size());
       cluster_data.append(data);
       cluster_data.append(tail.data(), tail.size());
+      filled = co_await pre_write_overlap_check(0, *host, cluster_data.size(),
+                                                /*data_file=*/true);
+    }
+    if (filled) {
       block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
       filled = co_await write_growing(file(), *host, cluster_data);
     }
@@ -498,6 +520,11 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
   std::vector<uint64_t> entries(count);
   for (uint64_t i = 0; i < count; ++i) {
     entries[i] = (*host + (i << cluster_bits)) | kOflagCopied;
+  }
+  // Lazy refcounts: the dirty bit is on disk before the first L2/L1 update (dirty.cc).
+  Result<void> dirty = co_await mark_dirty();
+  if (!dirty) {
+    co_return dirty;
   }
   block::debug_event(child("file"), BlkdebugEvent::kL2Update);
   Result<void> written = co_await write_l2_entries(l2_offset, first.l2_index, entries);
@@ -551,8 +578,12 @@ aio::Task<Result<void>> Qcow2Node::write_l2_entries(uint64_t l2_offset, uint64_t
 aio::Task<Result<void>> Qcow2Node::write_l1_entry(uint64_t l1_index, uint64_t entry) {
   uint8_t raw[8];
   put_be64(raw, entry);
-  Result<void> written =
-      co_await meta_write(header_.l1_table_offset + l1_index * 8, IoVector(raw, 8));
+  Result<void> written = co_await pre_write_overlap_check(
+      kOverlapActiveL1, header_.l1_table_offset + l1_index * 8, 8, false);
+  if (!written) {
+    co_return written;
+  }
+  written = co_await meta_write(header_.l1_table_offset + l1_index * 8, IoVector(raw, 8));
   if (!written) {
     co_return written;
   }
@@ -604,6 +635,10 @@ aio::Task<Result<void>> Qcow2Node::release_entry(uint64_t entry) {
 
 aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t offset, uint64_t bytes,
                                                     uint32_t flags) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   // Zero flags exist from version 3 on; partial clusters are left to the request layer, which
   // writes zero buffers when the driver says ENOTSUP.
   const uint64_t mask = header_.cluster_size() - 1;
@@ -629,6 +664,10 @@ aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t offset, uint64_t by
 }
 
 aio::Task<Result<void>> Qcow2Node::co_pdiscard(uint64_t offset, uint64_t bytes) {
+  Result<void> usable = check_usable();
+  if (!usable) {
+    co_return usable;
+  }
   const uint64_t mask = header_.cluster_size() - 1;
   const bool whole_clusters =
       (offset & mask) == 0 && ((bytes & mask) == 0 || offset + bytes == length());

@@ -4,6 +4,7 @@
 
 #include "aio/event_loop.h"
 #include "block/drivers/qcow2/metadata_io.h"
+#include "block/drivers/qcow2/overlap.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/io/request.h"
 
@@ -44,7 +45,12 @@ aio::Task<Result<void>> Qcow2Node::write_back_l2() {
   l2_needs_flush_ = false;
   for (uint64_t slice_offset : cache.dirty_slices()) {
     std::vector<uint8_t> raw = cache.encode(slice_offset);
-    Result<void> written = co_await meta_write(slice_offset, IoVector(raw.data(), raw.size()));
+    Result<void> written =
+        co_await pre_write_overlap_check(kOverlapActiveL2, slice_offset, raw.size(), false);
+    if (!written) {
+      co_return written;
+    }
+    written = co_await meta_write(slice_offset, IoVector(raw.data(), raw.size()));
     if (!written) {
       co_return written;
     }
@@ -183,6 +189,8 @@ Result<void> Qcow2Node::on_inactivate() {
   if (!written) {
     return written;
   }
+  // QEMU's qcow2_inactivate: an image whose refcounts are exact is left clean.
+  mark_clean_at_close();
   map_->l2_cache().drop_clean();
   if (refcounts_ != nullptr) {
     refcounts_->drop_clean();
