@@ -2,8 +2,9 @@
 // The qcow2 format driver: opens every image QEMU 10 writes (versions 2 and 3, 512 B to 2 MiB
 // clusters, extended L2, compressed zlib/zstd clusters, zero clusters, external data files,
 // backing chains) and serves reads and block status. Read-write (write.cc) covers images without
-// extended L2, external data file, internal snapshots or persistent bitmaps; the others open
-// read-only only.
+// extended L2, external data file or persistent bitmaps; the others open read-only only.
+// Internal snapshots (snapshot.cc) share clusters with the active L1: a cluster or L2 table
+// without OFLAG_COPIED has refcount > 1 and is copied before a guest write changes it.
 //
 // Writes (write.cc): metadata is written through (L2 entries, L1 entries and refcounts reach the
 // file when they change; the caches only save reads), in the order that leaves a crashed image
@@ -32,6 +33,7 @@
 #include "block/drivers/qcow2/cluster_map.h"
 #include "block/drivers/qcow2/header.h"
 #include "block/drivers/qcow2/refcount.h"
+#include "block/drivers/qcow2/snapshot_table.h"
 
 namespace strata::block::qcow2 {
 
@@ -100,6 +102,19 @@ class Qcow2Node final : public Node {
   }
   Result<void> on_inactivate() override;
 
+  // ---- internal snapshots (snapshot.cc) ----
+  // Each takes the metadata lock exclusively and needs the node opened read-write.
+  std::vector<SnapshotInfo> snapshot_list() const override;
+  const std::vector<SnapshotEntry>& snapshots() const { return snapshots_.entries; }
+  // QEMU's qcow2_snapshot_create: `entry` gives name, date, VM clock, VM state size and icount;
+  // the ID (the next unused number), L1 copy and disk size are filled in here. Fails with EEXIST
+  // when the generated ID exists and EFBIG past 65536 snapshots.
+  aio::Task<Result<void>> co_snapshot_create(SnapshotEntry entry);
+  // QEMU's qcow2_snapshot_goto (by ID, then by name): ENOENT when there is no such snapshot.
+  aio::Task<Result<void>> co_snapshot_goto(const std::string& id_or_name);
+  // QEMU's qcow2_snapshot_delete of the snapshot matching `id` and `name` (either may be "").
+  aio::Task<Result<void>> co_snapshot_delete(const std::string& id, const std::string& name);
+
   const Header& header() const { return header_; }
   // The backing file name stored in the image ("" when none) and its format extension.
   const std::string& image_backing_file() const { return image_backing_file_; }
@@ -166,6 +181,32 @@ class Qcow2Node final : public Node {
   aio::Task<Result<void>> zero_or_discard_clusters(uint64_t offset, uint64_t bytes, bool discard,
                                                    bool unmap);
 
+  // ---- snapshots and resize (snapshot.cc, resize.cc); the caller holds lock_ exclusively ----
+  // QEMU's qcow2_update_snapshot_refcount: adds `addend` (-1, 0, +1) to the refcount of every L2
+  // table and cluster the L1 table at `l1_offset` reaches and sets OFLAG_COPIED where the
+  // refcount is then 1. `l1_offset` equal to the active table's uses the in-memory active L1.
+  // Refcount changes reach the file before the L2/L1 entries whose flags they change; the L1
+  // table is rewritten only for addend >= 0 (with -1 it is about to be freed or overwritten).
+  aio::Task<Result<void>> update_snapshot_refcount(uint64_t l1_offset, uint64_t l1_size,
+                                                   int addend);
+  // QEMU's qcow2_write_snapshots: writes `entries` to newly allocated clusters, flushes, points
+  // the header at them (flushed) and frees the old table. On success snapshots_ holds `entries`.
+  aio::Task<Result<void>> write_snapshot_table(std::vector<SnapshotEntry> entries);
+  // The L2 table guest writes may change for L1 entry `l1_index` (table at `l2_offset`): the same
+  // table when its refcount is 1 (OFLAG_COPIED set in L1 if missing), else a copy that replaces
+  // it in the active L1 (QEMU's l2_allocate with an old table): copy written and flushed before
+  // the L1 entry, the old table's refcount dropped after.
+  aio::Task<Result<uint64_t>> writable_l2_table(uint64_t l1_index, uint64_t l2_offset);
+  // QEMU's qcow2_grow_l1_table: a new active L1 of at least `min_size` entries (exactly, or grown
+  // by 1.5x steps) written and flushed before the header points at it; the old one freed after.
+  aio::Task<Result<void>> grow_l1_table(uint64_t min_size, bool exact_size);
+  // qcow2_co_truncate's body for preallocation off (resize.cc); `new_size` is a multiple of 512.
+  aio::Task<Result<void>> resize_unlocked(uint64_t new_size);
+  // The active L1 entries as a table of header_.l1_size entries (zeroes past the stored ones).
+  std::vector<uint64_t> active_l1_table() const;
+  // Writes `bytes` at `offset` of the header and flushes (QEMU's bdrv_pwrite_sync on a field).
+  aio::Task<Result<void>> write_header_field(uint64_t offset, const void* data, uint64_t bytes);
+
   aio::CoRwLock lock_;
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
@@ -179,6 +220,7 @@ class Qcow2Node final : public Node {
   bool data_file_given_ = false;
   Child* data_file_ = nullptr;
   std::unique_ptr<ClusterMap> map_;
+  SnapshotTable snapshots_;
 };
 
 }  // namespace strata::block::qcow2
