@@ -100,11 +100,18 @@ def make_image(tmp_path, name="a.qcow2", size="8M", *options):
     return path
 
 
-@pytest.mark.parametrize("maker,user", [("strata", "qemu"), ("qemu", "strata"),
-                                        ("strata", "strata")])
-@pytest.mark.parametrize("options", [[], ["-o", "cluster_size=4096,refcount_bits=4"],
-                                     ["-o", "compat=0.10"]],
-                         ids=["default", "4k-refcount4", "v2"])
+ROUND_TRIPS = [
+    ("strata", "qemu", []),
+    ("qemu", "strata", []),
+    ("strata", "strata", ["-o", "cluster_size=4096,refcount_bits=4"]),
+    ("qemu", "strata", ["-o", "cluster_size=4096,refcount_bits=4"]),
+    ("strata", "qemu", ["-o", "compat=0.10"]),
+    ("qemu", "strata", ["-o", "compat=0.10"]),
+]
+
+
+@pytest.mark.parametrize("maker,user,options", ROUND_TRIPS,
+                         ids=lambda v: v if isinstance(v, str) else ",".join(v) or "default")
 def test_snapshot_round_trip(tmp_path, maker, user, options):
     """`maker` writes and snapshots, `user` lists, overwrites, applies and deletes."""
     path = make_image(tmp_path, "a.qcow2", "8M", *options)
@@ -179,14 +186,13 @@ def test_snapshot_many_and_l1_growth(tmp_path):
     assert_lists_agree(path)
     snap("strata", "-a", "small", path)
     assert_clean(path)
-    twin = tmp_path / "twin.qcow2"
-    assert qemu_img("info", "--output=json", str(path)).returncode == 0
+    # Applying the snapshot taken at 1 MiB brings the image back to 1 MiB (as QEMU 10 does).
     assert json.loads(qemu_img("info", "--output=json", str(path)).stdout)["virtual-size"] == 1 << 20
     assert_pattern(path, 1, 0, 1 << 20)
     snap("qemu", "-a", "s4", path)
     assert_clean(path)
+    assert json.loads(qemu_img("info", "--output=json", str(path)).stdout)["virtual-size"] == 3 << 20
     assert_pattern(path, 2, 1 << 20, 2 << 20)
-    del twin
 
 
 @pytest.mark.parametrize("args,message", [
