@@ -203,6 +203,24 @@ void dump_human(const nlohmann::json& info, int indentation, const std::string& 
                   info["backing-filename-format"].get<std::string>().c_str());
     }
   }
+  if (info.contains("snapshots")) {
+    std::printf("%sSnapshot list:\n", ind.c_str());
+    std::printf("%s%s\n", ind.c_str(), snapshot_dump_header().c_str());
+    for (const auto& entry : info["snapshots"]) {
+      block::Node::SnapshotInfo snapshot;
+      snapshot.id = entry["id"].get<std::string>();
+      snapshot.name = entry["name"].get<std::string>();
+      snapshot.vm_state_size = entry["vm-state-size"].get<uint64_t>();
+      snapshot.date_sec = entry["date-sec"].get<uint32_t>();
+      snapshot.date_nsec = entry["date-nsec"].get<uint32_t>();
+      snapshot.vm_clock_nsec = entry["vm-clock-sec"].get<uint64_t>() * 1000000000 +
+                               entry["vm-clock-nsec"].get<uint64_t>();
+      if (entry.contains("icount")) {
+        snapshot.icount = entry["icount"].get<uint64_t>();
+      }
+      std::printf("%s%s\n", ind.c_str(), snapshot_dump(snapshot).c_str());
+    }
+  }
   if (info.contains("format-specific")) {
     const nlohmann::json& data = info["format-specific"]["data"];
     if (data.is_object() && !data.empty()) {
@@ -323,6 +341,8 @@ constexpr const char kImgUsage[] =
     "  bench    [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE]\n"
     "           [-S STEP_SIZE] [-i AIO] [-n] [-U] [-q] [-w [--pattern PATTERN]\n"
     "           [--flush-interval INTERVAL [--no-drain]]] FILE\n"
+    "  snapshot [-f FMT] [-U] [-q] [--image-opts] [-l | -a NAME | -c NAME | -d NAME] FILE\n"
+    "  resize   [-f FMT] [--shrink] [--preallocation=off] [-q] [--image-opts] FILE [+|-]SIZE\n"
     "\n"
     "See docs/img.md for what is supported.\n";
 
@@ -343,11 +363,13 @@ int img_main(int argc, char** argv) {
     int (*main)(int, char**);
   };
   static const Entry kEntries[] = {
-      {"info", img::info_main},       {"map", img::map_main},       {"compare", img::compare_main},
-      {"convert", img::convert_main}, {"create", img::create_main}, {"check", img::check_main},
-      {"bitmap", img::bitmap_main},   {"rebase", img::rebase_main}, {"commit", img::commit_main},
-      {"amend", img::amend_main},
-      {"bench", img::bench_main},
+      {"info", img::info_main},         {"map", img::map_main},
+      {"compare", img::compare_main},   {"convert", img::convert_main},
+      {"create", img::create_main},     {"check", img::check_main},
+      {"bitmap", img::bitmap_main},     {"rebase", img::rebase_main},
+      {"commit", img::commit_main},     {"amend", img::amend_main},
+      {"bench", img::bench_main},       {"snapshot", img::snapshot_main},
+      {"resize", img::resize_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

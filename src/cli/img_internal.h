@@ -56,6 +56,13 @@ int rebase_main(int argc, char** argv);
 int commit_main(int argc, char** argv);
 int amend_main(int argc, char** argv);
 int bench_main(int argc, char** argv);
+int snapshot_main(int argc, char** argv);
+int resize_main(int argc, char** argv);
+
+// qemu-img's snapshot table text (bdrv_snapshot_dump), without the newline: the column header
+// and one row.
+std::string snapshot_dump_header();
+std::string snapshot_dump(const block::Node::SnapshotInfo& snapshot);
 
 // Creates (or truncates) a raw image file of `size` bytes with QEMU's raw preallocation modes
 // (off, falloc, full); allocates the first block like file-posix's create.

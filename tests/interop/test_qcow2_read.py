@@ -4,8 +4,8 @@ Each scenario starts both daemons in the same test, adds the same read-only qcow
 compares what they report: query-named-block-nodes (normalised), x-debug-query-block-graph
 edges and permissions, and the lock bytes each process holds on the image.
 
-strata's refusal to open qcow2 images it cannot write (extended L2, external data file, internal
-snapshots, persistent bitmaps) read-write is tested separately and is deliberately NOT a
+strata's refusal to open qcow2 images it cannot write (extended L2, external data file,
+persistent bitmaps) read-write is tested separately and is deliberately NOT a
 cross-implementation comparison: QSD opens those images read-write.
 """
 

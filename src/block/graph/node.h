@@ -254,6 +254,18 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   virtual std::optional<BackingFileName> backing_file_name() const { return std::nullopt; }
   // ImageInfo "dirty-flag" for drivers that report image info (QEMU: drivers with get_info).
   virtual std::optional<bool> dirty_flag() const { return std::nullopt; }
+  // Internal snapshots (QEMU's QEMUSnapshotInfo from bdrv_snapshot_list), in table order; empty
+  // for drivers without them.
+  struct SnapshotInfo {
+    std::string id;
+    std::string name;
+    uint64_t vm_state_size = 0;
+    uint32_t date_sec = 0;
+    uint32_t date_nsec = 0;
+    uint64_t vm_clock_nsec = 0;
+    uint64_t icount = UINT64_MAX;  // UINT64_MAX: not recorded
+  };
+  virtual std::vector<SnapshotInfo> snapshot_list() const { return {}; }
 
   // The graph the node is registered in, or nullptr before registration.
   Graph* graph() const { return graph_; }

@@ -41,6 +41,26 @@ nlohmann::json image_info(const Node& node, bool flat) {
     info["full-backing-filename"] = backing->node()->filename();
     info["backing-filename-format"] = backing->node()->format_name();
   }
+  // QEMU's bdrv_query_image_info: "snapshots" only when there are some.
+  if (auto snapshots = node.snapshot_list(); !snapshots.empty()) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& snapshot : snapshots) {
+      nlohmann::json entry = {
+          {"id", snapshot.id},
+          {"name", snapshot.name},
+          {"vm-state-size", snapshot.vm_state_size},
+          {"date-sec", snapshot.date_sec},
+          {"date-nsec", snapshot.date_nsec},
+          {"vm-clock-sec", snapshot.vm_clock_nsec / 1000000000},
+          {"vm-clock-nsec", snapshot.vm_clock_nsec % 1000000000},
+      };
+      if (snapshot.icount != UINT64_MAX) {
+        entry["icount"] = snapshot.icount;
+      }
+      list.push_back(std::move(entry));
+    }
+    info["snapshots"] = std::move(list);
+  }
   if (const Node* below = filter_or_cow(node); below != nullptr && !flat) {
     info["backing-image"] = image_info(*below, false);
   }

@@ -64,6 +64,12 @@ class ClusterMap {
     }
     l1_[index] = entry;
   }
+  // Replaces the active L1 (snapshot goto, L1 growth and shrink): `l1_size` entries, of which
+  // `l1` holds the first ones (the rest are 0).
+  void replace_l1(std::vector<uint64_t> l1, uint64_t l1_size) {
+    l1_ = std::move(l1);
+    l1_size_ = l1_size;
+  }
   // L2 entries per cache slice, and the slice of the L2 table at `l2_offset` holding `l2_index`.
   uint32_t slice_entries() const { return slice_entries_; }
   uint64_t slice_offset(uint64_t l2_offset, uint64_t l2_index) const {

@@ -91,7 +91,7 @@ uint32_t Qcow2Node::metadata_overlap(uint32_t ignore, uint64_t offset, uint64_t 
     return kOverlapRefcountTable;
   }
   if ((checks & kOverlapSnapshotTable) != 0 &&
-      ranges_overlap(start, length, header_.snapshots_offset, snapshots_size_)) {
+      ranges_overlap(start, length, header_.snapshots_offset, snapshots_.size)) {
     return kOverlapSnapshotTable;
   }
   if ((checks & kOverlapActiveL2) != 0 && map_ != nullptr) {

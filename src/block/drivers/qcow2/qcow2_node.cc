@@ -422,28 +422,20 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
     image_backing_file_ = **backing_name;
   }
 
-  // The snapshot table (QEMU's qcow2_read_snapshots): only its shape is checked; reads use the
-  // active L1 table. Each entry is read from the file, so the work is bounded by nb_snapshots
-  // (at most 65536, checked with the header) and the table size by QEMU's limit.
-  uint64_t offset = header_.snapshots_offset;
-  for (uint32_t i = 0; i < header_.nb_snapshots; ++i) {
-    offset = (offset + 7) & ~uint64_t{7};
-    auto entry = reader->read(file(), offset, kSnapshotHeaderSize);
-    if (!entry) {
-      return entry.error().with_prefix("Failed to read snapshot table");
-    }
-    // QCowSnapshotHeader: id_str_size at 12, name_size at 14, extra_data_size at 36.
-    const uint16_t id_size = load_be16(entry->data() + 12);
-    const uint16_t name_size = load_be16(entry->data() + 14);
-    const uint32_t extra = load_be32(entry->data() + 36);
-    if (extra > kMaxSnapshotExtraData) {
-      return Error(ErrorKind::kInvalidArgument,
-                   "Too much extra metadata in snapshot table entry " + std::to_string(i), EFBIG);
-    }
-    offset += kSnapshotHeaderSize + extra + id_size + name_size;
-    if (offset - header_.snapshots_offset > kMaxSnapshotsTableBytes) {
-      return Error(ErrorKind::kInvalidArgument, "Snapshot table is too big", EFBIG);
-    }
+  // The snapshot table (QEMU's qcow2_read_snapshots). Each entry is read from the file, so the
+  // work is bounded by nb_snapshots (at most 65536, checked with the header) and the table size
+  // by QEMU's limit.
+  Result<void> snapshots_read = reader->run(
+      [](Node& file, const Header& header, SnapshotTable& out) -> aio::Task<Result<void>> {
+        Result<SnapshotTable> table = co_await read_snapshot_table(file, header);
+        if (!table) {
+          co_return std::move(table).error();
+        }
+        out = std::move(table).value();
+        co_return ok();
+      }(file(), header_, snapshots_));
+  if (!snapshots_read) {
+    return snapshots_read;
   }
 
   header_contents_.backing_file = image_backing_file_;
@@ -460,7 +452,6 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
 
   pass_discard_request_ = options.pass_discard_request.value_or(true);
   overlap_checks_ = overlap_checks(options.overlap_check, options.overlap_flags);
-  snapshots_size_ = header_.nb_snapshots > 0 ? offset - header_.snapshots_offset : 0;
   lazy_refcounts_ =
       options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0);
   if (!context.options().read_only) {
@@ -711,10 +702,6 @@ aio::Task<Result<BlockStatus>> Qcow2Node::co_block_status(uint64_t offset, uint6
     }
   }
   co_return status;
-}
-
-aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t, bool) {
-  co_return Error(ErrorKind::kUnsupported, "strata cannot resize qcow2 images yet", ENOTSUP);
 }
 
 // ---- info ----------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 // The qcow2 format driver: opens every image QEMU 10 writes (versions 2 and 3, 512 B to 2 MiB
 // clusters, extended L2, compressed zlib/zstd clusters, zero clusters, external data files,
 // backing chains) and serves reads and block status. Read-write (write.cc) covers images without
-// extended L2, external data file or internal snapshots; the others open read-only only.
-// Persistent dirty bitmaps (bitmaps.cc) are loaded at open and stored back at close.
+// extended L2 or an external data file; those open read-only only. Persistent dirty bitmaps
+// (bitmaps.cc) are loaded at open and stored back at close. Internal snapshots (snapshot.cc)
+// share clusters with the active L1: a cluster or L2 table without OFLAG_COPIED has refcount > 1
+// and is copied before a guest write changes it.
 //
 // Writes (write.cc, write_back.cc): metadata is written back (QEMU's qcow2-cache.c model). L2
 // entries and refcounts change in the caches (dirty L2 slices, dirty refcount blocks); they reach
@@ -55,6 +57,7 @@
 #include "block/drivers/qcow2/header.h"
 #include "block/drivers/qcow2/header_update.h"
 #include "block/drivers/qcow2/refcount.h"
+#include "block/drivers/qcow2/snapshot_table.h"
 
 namespace strata::block::qcow2 {
 
@@ -163,6 +166,19 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::Task<Result<void>> co_flush() override;
   // Writes the caches back before the options change (QEMU's qcow2_reopen_prepare).
   Result<std::function<void()>> prepare_reopen(const DriverOptions& options) override;
+
+  // ---- internal snapshots (snapshot.cc) ----
+  // Each takes the metadata lock exclusively and needs the node opened read-write.
+  std::vector<SnapshotInfo> snapshot_list() const override;
+  const std::vector<SnapshotEntry>& snapshots() const { return snapshots_.entries; }
+  // QEMU's qcow2_snapshot_create: `entry` gives name, date, VM clock, VM state size and icount;
+  // the ID (the next unused number), L1 copy and disk size are filled in here. Fails with EEXIST
+  // when the generated ID exists and EFBIG past 65536 snapshots.
+  aio::Task<Result<void>> co_snapshot_create(SnapshotEntry entry);
+  // QEMU's qcow2_snapshot_goto (by ID, then by name): ENOENT when there is no such snapshot.
+  aio::Task<Result<void>> co_snapshot_goto(const std::string& id_or_name);
+  // QEMU's qcow2_snapshot_delete of the snapshot matching `id` and `name` (either may be "").
+  aio::Task<Result<void>> co_snapshot_delete(const std::string& id, const std::string& name);
 
   const Header& header() const { return header_; }
   // The backing file name stored in the image ("" when none) and its format extension.
@@ -348,6 +364,32 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::Task<Result<uint64_t>> write_clusters(uint64_t offset, uint64_t bytes, IoVector qiov,
                                              uint32_t flags, bool may_free);
 
+  // ---- snapshots and resize (snapshot.cc, resize.cc); the caller holds lock_ exclusively ----
+  // QEMU's qcow2_update_snapshot_refcount: adds `addend` (-1, 0, +1) to the refcount of every L2
+  // table and cluster the L1 table at `l1_offset` reaches and sets OFLAG_COPIED where the
+  // refcount is then 1. `l1_offset` equal to the active table's uses the in-memory active L1.
+  // Refcount changes reach the file before the L2/L1 entries whose flags they change; the L1
+  // table is rewritten only for addend >= 0 (with -1 it is about to be freed or overwritten).
+  aio::Task<Result<void>> update_snapshot_refcount(uint64_t l1_offset, uint64_t l1_size,
+                                                   int addend);
+  // QEMU's qcow2_write_snapshots: writes `entries` to newly allocated clusters, flushes, points
+  // the header at them (flushed) and frees the old table. On success snapshots_ holds `entries`.
+  aio::Task<Result<void>> write_snapshot_table(std::vector<SnapshotEntry> entries);
+  // The L2 table guest writes may change for L1 entry `l1_index` (table at `l2_offset`): the same
+  // table when its refcount is 1 (OFLAG_COPIED set in L1 if missing), else a copy that replaces
+  // it in the active L1 (QEMU's l2_allocate with an old table): copy written and flushed before
+  // the L1 entry, the old table's refcount dropped after.
+  aio::Task<Result<uint64_t>> writable_l2_table(uint64_t l1_index, uint64_t l2_offset);
+  // QEMU's qcow2_grow_l1_table: a new active L1 of at least `min_size` entries (exactly, or grown
+  // by 1.5x steps) written and flushed before the header points at it; the old one freed after.
+  aio::Task<Result<void>> grow_l1_table(uint64_t min_size, bool exact_size);
+  // qcow2_co_truncate's body for preallocation off (resize.cc); `new_size` is a multiple of 512.
+  aio::Task<Result<void>> resize_unlocked(uint64_t new_size);
+  // The active L1 entries as a table of header_.l1_size entries (zeroes past the stored ones).
+  std::vector<uint64_t> active_l1_table() const;
+  // Writes `bytes` at `offset` of the header and flushes (QEMU's bdrv_pwrite_sync on a field).
+  aio::Task<Result<void>> write_header_field(uint64_t offset, const void* data, uint64_t bytes);
+
   aio::CoRwLock lock_;
   aio::CoMutex meta_;
   std::vector<std::shared_ptr<InflightAllocation>> inflight_;
@@ -361,7 +403,6 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   bool pass_discard_request_ = true;
   bool lazy_refcounts_ = false;  // lazy-refcounts option (default: the image's compat bit)
   uint32_t overlap_checks_ = 0;  // OverlapBits enabled by the overlap-check option
-  uint64_t snapshots_size_ = 0;  // bytes of the snapshot table
   bool signaled_corruption_ = false;
   bool corrupted_ = false;  // a fatal corruption was signalled: no more I/O
 
@@ -377,6 +418,7 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   HeaderContents header_contents_;
   // The bitmap directory as last read or written (what `info` reports).
   std::vector<BitmapDirectoryEntry> bitmap_directory_;
+  SnapshotTable snapshots_;
 };
 
 }  // namespace strata::block::qcow2

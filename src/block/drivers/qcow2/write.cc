@@ -78,9 +78,6 @@ Result<void> Qcow2Node::prepare_writes(
   if (header_.incompatible_features & kIncompatDataFile) {
     return read_only_only("with an external data file");
   }
-  if (header_.nb_snapshots > 0) {
-    return read_only_only("with internal snapshots");
-  }
   const uint64_t table_bytes = uint64_t{header_.refcount_table_clusters} << header_.cluster_bits;
   Result<void> valid =
       validate_table(header_.refcount_table_offset, table_bytes / 8, 8, kMaxRefcountTableBytes,
@@ -412,23 +409,14 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
   const uint64_t count = old_entries.size();
   const uint64_t guest_start = (offset >> cluster_bits) << cluster_bits;
 
-  // An L2 table without OFLAG_COPIED is shared with a snapshot (refused at open) or carries a
-  // wrong flag; only a table with refcount 1 may be written.
+  // An L2 table without OFLAG_COPIED may be shared with a snapshot: write to a private copy.
   uint64_t l2_offset = first.l2_offset;
-  if (l2_offset != 0 && (map_->l1_entry(first.l1_index) & kOflagCopied) == 0) {
-    Result<uint64_t> refcount = co_await refcounts_->get(l2_offset >> cluster_bits);
-    if (!refcount) {
-      co_return std::move(refcount).error();
+  if (l2_offset != 0) {
+    Result<uint64_t> writable = co_await writable_l2_table(first.l1_index, l2_offset);
+    if (!writable) {
+      co_return std::move(writable).error();
     }
-    if (*refcount != 1) {
-      co_return Error(ErrorKind::kUnsupported,
-                      "qcow2: writing to an L2 table shared with a snapshot is not supported",
-                      ENOTSUP);
-    }
-    Result<void> fixed = co_await write_l1_entry(first.l1_index, l2_offset | kOflagCopied);
-    if (!fixed) {
-      co_return fixed;
-    }
+    l2_offset = *writable;
   }
   if (l2_offset == 0) {
     Result<uint64_t> table = co_await allocate_l2_table(first.l1_index);
@@ -736,7 +724,11 @@ aio::Task<Result<void>> Qcow2Node::zero_or_discard_clusters(uint64_t offset, uin
       old_entries.push_back(updated == entry || (updated & kL2OffsetMask) != 0 ? 0 : entry);
       new_entries.push_back(updated);
     }
-    Result<void> written = co_await write_l2_entries(ref->l2_offset, ref->l2_index, new_entries);
+    Result<uint64_t> l2_offset = co_await writable_l2_table(ref->l1_index, ref->l2_offset);
+    if (!l2_offset) {
+      co_return std::move(l2_offset).error();
+    }
+    Result<void> written = co_await write_l2_entries(*l2_offset, ref->l2_index, new_entries);
     if (!written) {
       co_return written;
     }
