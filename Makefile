@@ -43,6 +43,7 @@ bench: deps-peers
 	cmake --preset release
 	cmake --build --preset release-all
 	scripts/run-benchmarks
+	scripts/bench-convert
 
 fuzz: deps
 	cmake --preset fuzz

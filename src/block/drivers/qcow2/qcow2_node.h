@@ -95,6 +95,7 @@ class Qcow2Node final : public Node {
   Child* backing_child() const override { return child("backing"); }
   nlohmann::json format_specific_info() const override;
   std::optional<uint64_t> cluster_size() const override { return header_.cluster_size(); }
+  bool supports_compressed_writes() const override { return refcounts_ != nullptr; }
   std::optional<bool> dirty_flag() const override {
     return (header_.incompatible_features & (1ull << 0)) != 0;
   }
@@ -166,9 +167,23 @@ class Qcow2Node final : public Node {
   aio::Task<Result<void>> zero_or_discard_clusters(uint64_t offset, uint64_t bytes, bool discard,
                                                    bool unmap);
 
+  // ---- compressed writes (compressed_write.cc) ----
+  // kRequestWriteCompressed: whole clusters (the last may end at the image end), compressed in
+  // parallel on the compression thread pool; clusters that do not compress are written normally.
+  aio::Task<Result<void>> write_compressed(uint64_t offset, uint64_t bytes, IoVector qiov);
+  // The L2 reference of `guest_cluster`, first allocating an empty L2 table (flushed before the
+  // L1 entry points at it) when there is none. Exclusive lock.
+  aio::Task<Result<L2Ref>> ensure_l2_table(uint64_t guest_cluster);
+  // QEMU's qcow2_alloc_bytes: `size` (< one cluster) bytes for compressed data, packed after the
+  // previous ones; every host cluster the range touches gains one reference. Exclusive lock.
+  aio::Task<Result<uint64_t>> allocate_compressed_bytes(uint64_t size);
+
   aio::CoRwLock lock_;
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
+  // Where the next compressed cluster may be packed (0: start a new host cluster). Reset when a
+  // compressed cluster is released, since its host cluster may have been freed and reused.
+  uint64_t free_byte_offset_ = 0;
 
   Header header_;
   std::optional<bool> metadata_preallocation_;
