@@ -72,9 +72,9 @@ aio::Task<Result<void>> Qcow2Node::write_compressed(uint64_t offset, uint64_t by
 
   auto exclusive = co_await lock_.scoped_write_lock();
   // Allocation in guest order, as QEMU's one-cluster-at-a-time writes do: the cluster's L2 table
-  // first, then its compressed bytes (packed after the previous ones); a cluster that does not
-  // compress is written at once like a normal write (which publishes its own entry). Compressed
-  // data that ends up contiguous in the file is written with one request.
+  // first, then its compressed bytes (packed after the previous ones). A run of clusters that do
+  // not compress is written at once like a normal write (which publishes its own entries).
+  // Compressed data that ends up contiguous in the file is written with one request.
   const uint32_t csize_shift = 62 - (header_.cluster_bits - 8);
   std::vector<uint64_t> host(count, 0);
   struct Run {
@@ -86,10 +86,19 @@ aio::Task<Result<void>> Qcow2Node::write_compressed(uint64_t offset, uint64_t by
     const uint64_t guest = offset + i * cluster_size;
     const uint64_t n = std::min(cluster_size, bytes - i * cluster_size);
     if (!*jobs[i].output) {
-      Result<void> plain = co_await write_allocating(guest, n, qiov.slice(i * cluster_size, n), 0);
+      // The run of clusters that did not compress goes out as one normal write.
+      uint64_t end = i + 1;
+      uint64_t run_bytes = n;
+      while (end < count && !*jobs[end].output) {
+        run_bytes += std::min(cluster_size, bytes - end * cluster_size);
+        ++end;
+      }
+      Result<void> plain =
+          co_await write_allocating(guest, run_bytes, qiov.slice(i * cluster_size, run_bytes), 0);
       if (!plain) {
         co_return plain;
       }
+      i = end - 1;
       continue;
     }
     Result<L2Ref> table = co_await ensure_l2_table(guest >> header_.cluster_bits);
