@@ -11,6 +11,7 @@
 // L2/L1 entry, flush, release of what the entries replaced.
 
 #include <algorithm>
+#include <map>
 #include <thread>
 
 #include "aio/task_group.h"
@@ -82,6 +83,7 @@ aio::Task<Result<void>> Qcow2Node::write_compressed(uint64_t offset, uint64_t by
     IoVector data;
   };
   std::vector<Run> runs;
+  std::map<uint64_t, uint64_t> pending_references;
   for (uint64_t i = 0; i < count; ++i) {
     const uint64_t guest = offset + i * cluster_size;
     const uint64_t n = std::min(cluster_size, bytes - i * cluster_size);
@@ -106,7 +108,7 @@ aio::Task<Result<void>> Qcow2Node::write_compressed(uint64_t offset, uint64_t by
       co_return std::move(table).error();
     }
     std::vector<uint8_t>& data = **jobs[i].output;
-    Result<uint64_t> at = co_await allocate_compressed_bytes(data.size());
+    Result<uint64_t> at = co_await allocate_compressed_bytes(data.size(), pending_references);
     if (!at) {
       co_return std::move(at).error();
     }
@@ -115,6 +117,14 @@ aio::Task<Result<void>> Qcow2Node::write_compressed(uint64_t offset, uint64_t by
       runs.push_back(Run{*at, IoVector()});
     }
     runs.back().data.append(data.data(), data.size());
+  }
+  // The references of packed clusters, one refcount update per host cluster.
+  for (const auto& [cluster, references] : pending_references) {
+    Result<void> counted = co_await refcounts_->update(cluster << header_.cluster_bits, 1,
+                                                       static_cast<int64_t>(references));
+    if (!counted) {
+      co_return counted;
+    }
   }
   for (Run& run : runs) {
     block::debug_event(child("file"), BlkdebugEvent::kWriteCompressed);
@@ -128,28 +138,42 @@ aio::Task<Result<void>> Qcow2Node::write_compressed(uint64_t offset, uint64_t by
     co_return flushed;
   }
 
-  // Publish one L2 entry per compressed cluster (no OFLAG_COPIED: the host cluster is shared).
+  // Publish one L2 entry per compressed cluster (no OFLAG_COPIED: the host cluster is shared),
+  // consecutive entries of one L2 table with one write.
   std::vector<uint64_t> replaced;
-  for (uint64_t i = 0; i < count; ++i) {
+  for (uint64_t i = 0; i < count;) {
     if (!*jobs[i].output) {
+      ++i;
       continue;
     }
-    Result<L2Ref> ref = co_await l2_ref((offset >> header_.cluster_bits) + i);
-    if (!ref) {
-      co_return std::move(ref).error();
+    Result<L2Ref> first = co_await l2_ref((offset >> header_.cluster_bits) + i);
+    if (!first) {
+      co_return std::move(first).error();
     }
-    const uint64_t size = (*jobs[i].output)->size();
-    // qcow2.rst: the sector count field holds the number of additional 512-byte sectors.
-    const uint64_t sectors = ((host[i] + size - 1) >> 9) - (host[i] >> 9);
-    const std::vector<uint64_t> entries{host[i] | kOflagCompressed | (sectors << csize_shift)};
+    std::vector<uint64_t> entries;
+    for (uint64_t j = i; j < count && *jobs[j].output; ++j) {
+      const uint64_t guest_cluster = (offset >> header_.cluster_bits) + j;
+      if (j != i && (guest_cluster >> header_.l2_bits()) != first->l1_index) {
+        break;
+      }
+      Result<L2Ref> ref = co_await l2_ref(guest_cluster);
+      if (!ref) {
+        co_return std::move(ref).error();
+      }
+      if (needs_release(ref->entry)) {
+        replaced.push_back(ref->entry);
+      }
+      const uint64_t size = (*jobs[j].output)->size();
+      // qcow2.rst: the sector count field holds the number of additional 512-byte sectors.
+      const uint64_t sectors = ((host[j] + size - 1) >> 9) - (host[j] >> 9);
+      entries.push_back(host[j] | kOflagCompressed | (sectors << csize_shift));
+    }
     block::debug_event(child("file"), BlkdebugEvent::kL2UpdateCompressed);
-    Result<void> written = co_await write_l2_entries(ref->l2_offset, ref->l2_index, entries);
+    Result<void> written = co_await write_l2_entries(first->l2_offset, first->l2_index, entries);
     if (!written) {
       co_return written;
     }
-    if (needs_release(ref->entry)) {
-      replaced.push_back(ref->entry);
-    }
+    i += entries.size();
   }
   if (!replaced.empty()) {
     flushed = co_await io::flush(file());
@@ -216,7 +240,8 @@ aio::Task<Result<Qcow2Node::L2Ref>> Qcow2Node::ensure_l2_table(uint64_t guest_cl
   co_return co_await l2_ref(guest_cluster);
 }
 
-aio::Task<Result<uint64_t>> Qcow2Node::allocate_compressed_bytes(uint64_t size) {
+aio::Task<Result<uint64_t>> Qcow2Node::allocate_compressed_bytes(
+    uint64_t size, std::map<uint64_t, uint64_t>& pending) {
   // QEMU's qcow2_alloc_bytes: pack after the previous compressed cluster when the rest of its
   // host cluster (plus, if it is free, the next host cluster) holds `size` bytes; every host
   // cluster the range touches gains one reference.
@@ -231,17 +256,16 @@ aio::Task<Result<uint64_t>> Qcow2Node::allocate_compressed_bytes(uint64_t size) 
     const uint64_t max_refcount =
         header_.refcount_order >= 6 ? ~uint64_t{0}
                                     : (uint64_t{1} << (uint64_t{1} << header_.refcount_order)) - 1;
-    if (*refcount == 0 || *refcount >= max_refcount) {
+    auto waiting = pending.find(offset >> cluster_bits);
+    const uint64_t counted = *refcount + (waiting == pending.end() ? 0 : waiting->second);
+    if (*refcount == 0 || counted >= max_refcount) {
       offset = 0;  // freed meanwhile, or no reference left to hand out
     }
   }
   const uint64_t free_in_cluster = offset == 0 ? 0 : cluster_size - (offset & (cluster_size - 1));
   uint64_t result = 0;
   if (offset != 0 && free_in_cluster >= size) {
-    Result<void> counted = co_await refcounts_->update(offset, size, 1);
-    if (!counted) {
-      co_return std::move(counted).error();
-    }
+    ++pending[offset >> cluster_bits];
     result = offset;
   } else {
     // allocate() hands out the new host cluster with refcount 1: this range's reference.
@@ -250,10 +274,7 @@ aio::Task<Result<uint64_t>> Qcow2Node::allocate_compressed_bytes(uint64_t size) 
       co_return std::move(fresh).error();
     }
     if (offset != 0 && offset + free_in_cluster == *fresh) {
-      Result<void> counted = co_await refcounts_->update(offset, free_in_cluster, 1);
-      if (!counted) {
-        co_return std::move(counted).error();
-      }
+      ++pending[offset >> cluster_bits];
       result = offset;
     } else {
       result = *fresh;

@@ -22,6 +22,7 @@
 // the kRoleData `data-file` child); `backing` is kRoleCow.
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -175,8 +176,12 @@ class Qcow2Node final : public Node {
   // L1 entry points at it) when there is none. Exclusive lock.
   aio::Task<Result<L2Ref>> ensure_l2_table(uint64_t guest_cluster);
   // QEMU's qcow2_alloc_bytes: `size` (< one cluster) bytes for compressed data, packed after the
-  // previous ones; every host cluster the range touches gains one reference. Exclusive lock.
-  aio::Task<Result<uint64_t>> allocate_compressed_bytes(uint64_t size);
+  // previous ones; every host cluster the range touches gains one reference. New host clusters
+  // are allocated (refcount 1) at once; the other increments are added to `pending` (host
+  // cluster index -> references to add), which the caller writes before publishing anything.
+  // Exclusive lock.
+  aio::Task<Result<uint64_t>> allocate_compressed_bytes(uint64_t size,
+                                                        std::map<uint64_t, uint64_t>& pending);
 
   aio::CoRwLock lock_;
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
