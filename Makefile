@@ -45,6 +45,7 @@ bench: deps-peers
 	cmake --build --preset release-all
 	scripts/run-benchmarks
 	scripts/bench-img
+	scripts/bench-convert
 
 fuzz: deps
 	cmake --preset fuzz

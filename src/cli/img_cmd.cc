@@ -329,8 +329,11 @@ constexpr const char kImgUsage[] =
     "  map      [-f FMT] [--output=human|json] [-U] [--image-opts] [--start-offset=OFF]\n"
     "           [--max-length=LEN] FILE\n"
     "  compare  [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2\n"
-    "  convert  [-f FMT] [-O raw] [-n] [-S SIZE] [-p] [-q] [-m N] [-W] [-t CACHE] [-T CACHE]\n"
+    "  convert  [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-B BACKING [-F FMT]] [-n]\n"
+    "           [--target-is-zero] [-S SIZE] [-p] [-q] [-m N] [-W] [-t CACHE] [-T CACHE]\n"
     "           [-U] [--image-opts] SRC DST\n"
+    "  measure  [--output=human|json] [-O raw|qcow2] [-o OPTIONS]\n"
+    "           [--size N | [-f FMT] [-U] [--image-opts] FILE]\n"
     "  create   [-f raw|qcow2] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]\n"
     "  check    [-f FMT] [--output=human|json] [-q] [-U] [--image-opts] FILE\n"
     "  bitmap   (--add [-g SIZE] | --remove | --clear | --enable | --disable |\n"
@@ -369,7 +372,7 @@ int img_main(int argc, char** argv) {
       {"bitmap", img::bitmap_main},     {"rebase", img::rebase_main},
       {"commit", img::commit_main},     {"amend", img::amend_main},
       {"bench", img::bench_main},       {"snapshot", img::snapshot_main},
-      {"resize", img::resize_main},
+      {"resize", img::resize_main},     {"measure", img::measure_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

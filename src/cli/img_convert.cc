@@ -1,13 +1,19 @@
-// `strata img convert` to raw: qemu-img convert's chunking (block status of the source, at most
-// 2 MiB per request), sparse detection (-S), parallel requests (-m) and in-order writes unless -W.
+// `strata img convert` to raw and qcow2: qemu-img convert's chunking (block status of the source,
+// at most 2 MiB per request), sparse detection (-S), parallel requests (-m), in-order writes unless
+// -W, compressed output (-c: whole clusters written with kRequestWriteCompressed, which qcow2
+// compresses on every core), target creation with -o options, backing files (-B/-F: only what the
+// source's top layer allocates is copied) and existing targets (-n, --target-is-zero).
 
 #include <getopt.h>
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,10 +31,21 @@ enum { kOptImageOpts = 256, kOptTargetIsZero };
 constexpr uint64_t kSectorSize = 512;
 constexpr uint64_t kBufferBytes = 2 << 20;
 
+// What a chunk of the source holds (qemu-img's ImgConvertBlockStatus).
+enum class ChunkKind { kData, kZero, kBackingFile };
+
 struct ConvertState {
   block::Node* source = nullptr;
   block::Node* target = nullptr;
   uint64_t total = 0;
+  // -c: data goes out in whole target clusters with kRequestWriteCompressed; chunks start and end
+  // on cluster boundaries (or at the end of the image).
+  bool compressed = false;
+  uint64_t cluster_size = 0;
+  // The target has a backing file (-B, or -n onto an image with one): only the source's top
+  // layer is copied, unallocated areas are left to the target's backing file.
+  bool target_has_backing = false;
+  uint64_t target_backing_length = 0;
   uint64_t min_sparse = 8;  // sectors; 0 disables sparse detection
   uint64_t alignment = 8;   // sectors: zero runs are aligned to this in the target
   bool has_zero_init = false;
@@ -141,6 +158,125 @@ aio::Task<Result<void>> write_zero_range(ConvertState& s, uint64_t offset, uint6
   co_return r;
 }
 
+// The kind and length of the chunk at `offset` (at most kBufferBytes): qemu-img's
+// convert_iteration_sectors. With a backing file on the target only the top layer counts.
+aio::Task<Result<std::pair<ChunkKind, uint64_t>>> next_chunk(ConvertState& s, uint64_t offset) {
+  const uint64_t limit = std::min(kBufferBytes, s.total - offset);
+  ChunkKind kind = ChunkKind::kData;
+  uint64_t bytes = 0;
+  if (s.target_has_backing) {
+    Result<block::BlockStatus> status = co_await block::io::block_status(*s.source, offset, limit);
+    if (!status) {
+      co_return std::move(status).error();
+    }
+    bytes = std::min(status->bytes, limit);
+    if (status->flags & block::BlockStatus::kZero) {
+      // Zeroes past the end of the target's backing file are there already.
+      kind = offset >= s.target_backing_length ? ChunkKind::kBackingFile : ChunkKind::kZero;
+    } else if (status->flags & block::BlockStatus::kData) {
+      kind = ChunkKind::kData;
+    } else {
+      kind = ChunkKind::kBackingFile;
+    }
+  } else {
+    Result<ChainStatus> status = co_await chain_status(*s.source, offset, limit);
+    if (!status) {
+      co_return std::move(status).error();
+    }
+    bytes = std::min(status->bytes, limit);
+    kind = status->zero ? ChunkKind::kZero : ChunkKind::kData;
+  }
+  if (kind == ChunkKind::kZero && s.min_sparse == 0) {
+    kind = ChunkKind::kData;  // -S 0: the target is fully allocated
+  }
+  if (s.compressed) {
+    // Whole clusters: a zero or backing run keeps its whole clusters, anything shorter than a
+    // cluster is read and written as data (its zero clusters are still detected and skipped).
+    const uint64_t cs = s.cluster_size;
+    const uint64_t end = offset + bytes;
+    if (kind != ChunkKind::kData && end - end % cs > offset) {
+      bytes = end == s.total ? bytes : end - end % cs - offset;
+    } else {
+      kind = ChunkKind::kData;
+      bytes = std::min((end + cs - 1) / cs * cs, s.total) - offset;
+      bytes = std::min(bytes, limit);
+    }
+  }
+  co_return std::make_pair(kind, bytes);
+}
+
+// Writes a data chunk for -c: zero clusters are skipped (or zeroed), runs of other clusters are
+// written compressed in one request (the driver compresses its clusters in parallel).
+aio::Task<Result<void>> write_compressed_chunk(ConvertState& s, uint64_t offset,
+                                               const uint8_t* data, uint64_t bytes) {
+  const uint64_t cs = s.cluster_size;
+  uint64_t done = 0;
+  while (done < bytes) {
+    const uint64_t n = std::min(cs, bytes - done);
+    const bool zero = s.min_sparse > 0 && sector_is_zero(data + done, n);
+    uint64_t run = n;
+    while (done + run < bytes) {
+      const uint64_t next = std::min(cs, bytes - done - run);
+      if ((s.min_sparse > 0 && sector_is_zero(data + done + run, next)) != zero) {
+        break;
+      }
+      run += next;
+    }
+    // (if/else, not ?: — GCC 12 miscompiles co_await in both arms of a conditional.)
+    Result<void> written;
+    if (zero) {
+      written = co_await write_zero_range(s, offset + done, run);
+    } else {
+      written = co_await block::io::pwrite(*s.target, offset + done, data + done, run,
+                                           block::kRequestWriteCompressed);
+    }
+    if (!written) {
+      co_return written;
+    }
+    done += run;
+  }
+  co_return ok();
+}
+
+// Writes a data chunk: zero runs of at least -S are left to the target's zero initialisation
+// (or written as zeroes), everything else is written (qemu-img's is_allocated_sectors_min).
+aio::Task<Result<void>> write_data_chunk(ConvertState& s, uint64_t offset, const uint8_t* data,
+                                         uint64_t bytes) {
+  if (s.compressed) {
+    Result<void> written = co_await write_compressed_chunk(s, offset, data, bytes);
+    co_return written;
+  }
+  if (s.min_sparse == 0) {
+    Result<void> written = co_await block::io::pwrite(*s.target, offset, data, bytes);
+    co_return written;
+  }
+  uint64_t done = 0;
+  while (done < bytes) {
+    const uint64_t remaining = bytes - done;
+    uint64_t run = 0;
+    bool is_data = true;
+    if (remaining % kSectorSize == 0 && (offset + done) % kSectorSize == 0) {
+      is_data =
+          allocated_sectors_min(data + done, remaining / kSectorSize, (offset + done) / kSectorSize,
+                                s.min_sparse, s.alignment, run);
+      run *= kSectorSize;
+    } else {
+      run = remaining;
+    }
+    Result<void> written;
+    if (is_data) {
+      written = co_await block::io::pwrite(*s.target, offset + done, data + done, run);
+    } else {
+      written = co_await write_zero_range(s, offset + done, run);
+    }
+    if (!written) {
+      co_return written;
+    }
+    done += run;
+  }
+  co_return ok();
+}
+
 aio::Task<void> worker(ConvertState& s) {
   std::vector<uint8_t> buffer(kBufferBytes);
   while (!s.error) {
@@ -150,20 +286,18 @@ aio::Task<void> worker(ConvertState& s) {
       s.allocate_lock.unlock();
       break;
     }
-    Result<ChainStatus> status =
-        co_await chain_status(*s.source, offset, std::min(kBufferBytes, s.total - offset));
-    if (!status) {
+    Result<std::pair<ChunkKind, uint64_t>> chunk = co_await next_chunk(s, offset);
+    if (!chunk) {
       s.error = "error while reading block status at offset " + std::to_string(offset) + ": " +
-                errno_text(status.error());
+                errno_text(chunk.error());
       s.allocate_lock.unlock();
       break;
     }
-    const uint64_t bytes = status->bytes;
+    const auto [kind, bytes] = *chunk;
     s.next_offset = offset + bytes;
     s.allocate_lock.unlock();
 
-    const bool zero = status->zero && s.min_sparse > 0;
-    if (!zero) {
+    if (kind == ChunkKind::kData) {
       Result<void> read = co_await block::io::pread(*s.source, offset, buffer.data(), bytes);
       if (!read) {
         s.error = "error while reading at byte " + std::to_string(offset) + ": " +
@@ -178,33 +312,10 @@ aio::Task<void> worker(ConvertState& s) {
       break;
     }
     Result<void> written;
-    if (zero) {
+    if (kind == ChunkKind::kData) {
+      written = co_await write_data_chunk(s, offset, buffer.data(), bytes);
+    } else if (kind == ChunkKind::kZero) {
       written = co_await write_zero_range(s, offset, bytes);
-    } else if (s.min_sparse == 0) {
-      written = co_await block::io::pwrite(*s.target, offset, buffer.data(), bytes);
-    } else {
-      // Splits the data into runs: zero runs of at least -S are left to the target's zero
-      // initialisation (or written as zeroes), everything else is written.
-      uint64_t done = 0;
-      while (done < bytes && written.ok()) {
-        const uint64_t remaining = bytes - done;
-        uint64_t run = 0;
-        bool data = true;
-        if (remaining % kSectorSize == 0 && (offset + done) % kSectorSize == 0) {
-          data =
-              allocated_sectors_min(buffer.data() + done, remaining / kSectorSize,
-                                    (offset + done) / kSectorSize, s.min_sparse, s.alignment, run);
-          run *= kSectorSize;
-        } else {
-          run = remaining;
-        }
-        if (data) {
-          written = co_await block::io::pwrite(*s.target, offset + done, buffer.data() + done, run);
-        } else {
-          written = co_await write_zero_range(s, offset + done, run);
-        }
-        done += run;
-      }
     }
     if (!written) {
       s.error = "error while writing at byte " + std::to_string(offset) + ": " +
@@ -246,6 +357,17 @@ uint64_t pow2floor(uint64_t value) {
 
 }  // namespace
 
+namespace {
+
+bool valid_cache_mode(const std::string& mode) {
+  static const std::array<const char*, 5> kModes = {"none", "writeback", "unsafe", "directsync",
+                                                    "writethrough"};
+  return std::find_if(kModes.begin(), kModes.end(), [&](const char* m) { return mode == m; }) !=
+         kModes.end();
+}
+
+}  // namespace
+
 int convert_main(int argc, char** argv) {
   static const option kLongOptions[] = {
       {"help", no_argument, nullptr, 'h'},
@@ -256,6 +378,9 @@ int convert_main(int argc, char** argv) {
   };
   ImageOpenRequest source;
   std::string output_format = "raw";
+  std::vector<std::string> option_strings;
+  std::optional<std::string> backing_file;
+  std::optional<std::string> backing_format;
   bool skip_create = false;
   bool quiet = false;
   bool image_opts = false;
@@ -265,19 +390,32 @@ int convert_main(int argc, char** argv) {
   ConvertState state;
   optind = 1;
   int c = 0;
-  while ((c = getopt_long(argc, argv, ":hf:O:B:Cco:l:S:pt:T:qnm:WrU", kLongOptions, nullptr)) !=
+  while ((c = getopt_long(argc, argv, ":hf:O:B:F:Cco:l:s:S:pt:T:qnm:WrU", kLongOptions, nullptr)) !=
          -1) {
     switch (c) {
       case 'h':
         std::printf(
-            "usage: strata img convert [-f FMT] [-O raw] [-n] [-S SIZE] [-p] [-q] [-m N] "
-            "[-W] [-t CACHE] [-T CACHE] [-U] [--image-opts] SOURCE TARGET\n");
+            "usage: strata img convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-B BACKING "
+            "[-F FMT]] [-n [--target-is-zero]] [-S SIZE] [-p] [-q] [-m N] [-W] [-t CACHE] "
+            "[-T CACHE] [-U] [--image-opts] SOURCE TARGET\n");
         return 0;
       case 'f':
         source.format = optarg;
         break;
       case 'O':
         output_format = optarg;
+        break;
+      case 'o':
+        option_strings.emplace_back(optarg);
+        break;
+      case 'c':
+        state.compressed = true;
+        break;
+      case 'B':
+        backing_file = optarg;
+        break;
+      case 'F':
+        backing_format = optarg;
         break;
       case 'n':
         skip_create = true;
@@ -296,18 +434,27 @@ int convert_main(int argc, char** argv) {
         break;
       case 't':
         target_cache = optarg;
+        if (!valid_cache_mode(target_cache)) {
+          report("Invalid cache option: " + target_cache);
+          return 1;
+        }
         break;
       case 'T': {
         std::string mode = optarg;
+        if (!valid_cache_mode(mode)) {
+          report("Invalid source cache option: " + mode);
+          return 1;
+        }
         source.cache_direct = mode == "none" || mode == "directsync";
         break;
       }
       case 'S': {
         auto value = parse_size(optarg);
-        if (!value || *value % kSectorSize != 0 || *value > (uint64_t{1} << 31)) {
+        if (!value || *value % kSectorSize != 0 || *value > (uint64_t{16} << 20)) {
           report(
               "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
-              "512 up to 2147483136.");
+              "512 up to 16777216. Select 0 to disable sparse detection (fully allocates "
+              "output).");
           return 1;
         }
         state.min_sparse = *value / kSectorSize;
@@ -315,9 +462,14 @@ int convert_main(int argc, char** argv) {
       }
       case 'm': {
         char* end = nullptr;
+        errno = 0;
         long value = std::strtol(optarg, &end, 10);
-        if (*end != '\0' || value < 1 || value > 16) {
-          report("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+        if (*optarg == '\0' || *end != '\0' || errno != 0) {
+          report(std::string("Invalid number of coroutines specified: '") + optarg + "'.");
+          return 1;
+        }
+        if (value < 1 || value > 16) {
+          report("Invalid number of coroutines specified. Must be between 1 and 16.");
           return 1;
         }
         coroutines = static_cast<int>(value);
@@ -329,15 +481,15 @@ int convert_main(int argc, char** argv) {
       case kOptTargetIsZero:
         target_is_zero = true;
         break;
-      case 'B':
-      case 'c':
-      case 'o':
       case 'l':
+      case 's':
       case 'C':
       case 'r':
         report(std::string("option -") + static_cast<char>(c) +
                " is not supported by strata img convert yet");
         return 1;
+      case ':':
+        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
       default:
         return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
     }
@@ -346,18 +498,60 @@ int convert_main(int argc, char** argv) {
     state.progress = false;
   }
   if (argc - optind < 2) {
-    return error_exit("Must specify image file name");
+    report("Must specify image file name");
+    return 1;
   }
   if (argc - optind > 2) {
     report("Converting more than one source image is not supported by strata img yet");
     return 1;
   }
-  if (output_format != "raw") {
-    report("Writing the '" + output_format + "' format is not supported by strata img yet");
+  if (output_format != "raw" && output_format != "qcow2") {
+    static const char* const kQemuFormats[] = {"vmdk",      "vdi",  "vpc",   "vhdx", "qcow", "qed",
+                                               "parallels", "luks", "cloop", "dmg",  "bochs"};
+    for (const char* known : kQemuFormats) {
+      if (output_format == known) {
+        report("Writing the '" + output_format + "' format is not supported by strata img yet");
+        return 1;
+      }
+    }
+    report("Unknown file format '" + output_format + "'");
     return 1;
   }
   if (target_is_zero && !skip_create) {
     report("--target-is-zero requires use of -n flag");
+    return 1;
+  }
+  auto items = split_options(option_strings);
+  if (!items) {
+    report(items.error().message());
+    return 1;
+  }
+  std::map<std::string, std::string> create_options;
+  for (const auto& [key, value] : *items) {
+    const bool known = output_format == "qcow2" ? is_qcow2_create_option(key)
+                                                : key == "size" || key == "preallocation";
+    if (!known) {
+      report("Invalid parameter '" + key + "'");
+      return 1;
+    }
+    create_options[key] = value;
+  }
+  if (backing_file) {
+    if (output_format == "raw") {
+      report("Backing file not supported for file format 'raw'");
+      return 1;
+    }
+    create_options["backing_file"] = *backing_file;
+  }
+  if (backing_format) {
+    create_options["backing_fmt"] = *backing_format;
+  }
+  if (create_options.count("backing_file") != 0 && create_options.count("backing_fmt") == 0) {
+    report("Use of backing file requires explicit backing format");
+    return 1;
+  }
+  if (state.compressed && output_format != "qcow2") {
+    report("Compression not supported for this file format");
     return 1;
   }
   std::string source_name = argv[optind];
@@ -380,15 +574,27 @@ int convert_main(int argc, char** argv) {
   state.source = *opened;
   state.total = state.source->length();
   if (!skip_create) {
-    auto created = create_raw_file(target_name, state.total, "off");
-    if (!created) {
-      report(target_name + ": error while converting raw: " + created.error().message());
-      return 1;
+    if (output_format == "qcow2") {
+      create_options.erase("size");  // the target gets the source's size
+      // The backing file is not opened here (qemu-img convert creates with bdrv_create), so a
+      // backing file that does not exist yet is fine until the target is opened.
+      if (create_qcow2(target_name, create_options, state.total, true, true,
+                       "error while converting qcow2: ") != 0) {
+        return 1;
+      }
+    } else {
+      auto prealloc = create_options.find("preallocation");
+      auto created = create_raw_file(target_name, state.total,
+                                     prealloc == create_options.end() ? "off" : prealloc->second);
+      if (!created) {
+        report(target_name + ": error while converting raw: " + created.error().message());
+        return 1;
+      }
     }
   }
   ImageOpenRequest target;
   target.filename = target_name;
-  target.format = "raw";
+  target.format = output_format;
   target.read_only = false;
   target.discard_unmap = state.min_sparse > 0;
   target.cache_direct = target_cache == "none" || target_cache == "directsync";
@@ -403,12 +609,27 @@ int convert_main(int argc, char** argv) {
     report("Error: target is smaller than source");  // checked before any write
     return 1;
   }
-  // A freshly created regular file reads as zeroes; an existing target (-n) only with
-  // --target-is-zero.
+  if (block::Child* backing = state.target->backing_child(); backing != nullptr) {
+    state.target_has_backing = true;
+    state.target_backing_length = backing->node()->length();
+  }
+  if (state.compressed) {
+    if (!state.target->supports_compressed_writes()) {
+      report("Compression not supported for this file format");
+      return 1;
+    }
+    state.cluster_size = state.target->cluster_size().value_or(0);
+    if (state.cluster_size == 0 || state.cluster_size > kBufferBytes) {
+      report("invalid cluster size");
+      return 1;
+    }
+  }
+  // A freshly created regular file or qcow2 image without a backing file reads as zeroes; an
+  // existing target (-n) only with --target-is-zero.
   struct stat st {};
-  state.has_zero_init =
-      (!skip_create && ::stat(target_name.c_str(), &st) == 0 && S_ISREG(st.st_mode)) ||
-      target_is_zero;
+  state.has_zero_init = (!skip_create && !state.target_has_backing &&
+                         ::stat(target_name.c_str(), &st) == 0 && S_ISREG(st.st_mode)) ||
+                        target_is_zero;
   uint64_t request_sectors =
       std::max<uint64_t>(1, state.target->limits().request_alignment / kSectorSize);
   state.alignment = std::max(pow2floor(std::max<uint64_t>(state.min_sparse, 1)), request_sectors);

@@ -21,11 +21,8 @@
 
 namespace strata::cli::img {
 
-namespace {
-
 namespace qcow2 = block::qcow2;
 
-// "-o a=b,c=d" items in order; ",," is a literal comma (QEMU's get_opt_value).
 Result<std::vector<std::pair<std::string, std::string>>> split_options(
     const std::vector<std::string>& texts) {
   std::vector<std::pair<std::string, std::string>> items;
@@ -56,6 +53,8 @@ Result<std::vector<std::pair<std::string, std::string>>> split_options(
   return items;
 }
 
+namespace {
+
 std::optional<bool> parse_bool(const std::string& value) {
   if (value == "on" || value == "yes" || value == "true" || value.empty()) {
     return true;
@@ -72,10 +71,13 @@ std::string directory_of(const std::string& path) {
   return slash == std::string::npos ? std::string() : path.substr(0, slash + 1);
 }
 
+}  // namespace
+
 int create_qcow2(const std::string& filename, const std::map<std::string, std::string>& given,
-                 std::optional<uint64_t> size, bool unsafe, bool quiet) {
+                 std::optional<uint64_t> size, bool unsafe, bool quiet,
+                 const std::string& error_prefix) {
   auto fail = [&](const std::string& message) {
-    report(filename + ": " + message);
+    report(filename + ": " + error_prefix + message);
     return 1;
   };
   qcow2::CreateOptions options;
@@ -312,7 +314,13 @@ int create_qcow2(const std::string& filename, const std::map<std::string, std::s
   return 0;
 }
 
-}  // namespace
+bool is_qcow2_create_option(const std::string& key) {
+  static const char* const kQcow2Keys[] = {
+      "size",          "compat",         "backing_file",   "backing_fmt",     "data_file",
+      "data_file_raw", "encryption",     "encrypt.format", "cluster_size",    "extended_l2",
+      "preallocation", "lazy_refcounts", "refcount_bits",  "compression_type"};
+  return std::find(std::begin(kQcow2Keys), std::end(kQcow2Keys), key) != std::end(kQcow2Keys);
+}
 
 int create_main(int argc, char** argv) {
   static const option kLongOptions[] = {
@@ -384,15 +392,11 @@ int create_main(int argc, char** argv) {
     report(filename + ": " + items.error().message());
     return 1;
   }
-  static const char* const kQcow2Keys[] = {
-      "size",          "compat",         "backing_file",   "backing_fmt",     "data_file",
-      "data_file_raw", "encryption",     "encrypt.format", "cluster_size",    "extended_l2",
-      "preallocation", "lazy_refcounts", "refcount_bits",  "compression_type"};
   std::map<std::string, std::string> given;
   for (const auto& [key, value] : *items) {
     bool known = key == "size" || key == "preallocation";
     if (format == "qcow2") {
-      known = std::find(std::begin(kQcow2Keys), std::end(kQcow2Keys), key) != std::end(kQcow2Keys);
+      known = is_qcow2_create_option(key);
     }
     if (!known) {
       report(filename + ": Invalid parameter '" + key + "'");
@@ -425,7 +429,7 @@ int create_main(int argc, char** argv) {
   if (format == "qcow2") {
     std::map<std::string, std::string> qcow2_options = given;
     qcow2_options.erase("size");
-    return create_qcow2(filename, qcow2_options, size, unsafe, quiet);
+    return create_qcow2(filename, qcow2_options, size, unsafe, quiet, "");
   }
 
   if (!size) {

@@ -2,8 +2,11 @@
 // Shared by the `strata img` sub-commands (img_*.cc).
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "aio/task.h"
 #include "base/result.h"
@@ -63,6 +66,20 @@ int resize_main(int argc, char** argv);
 // and one row.
 std::string snapshot_dump_header();
 std::string snapshot_dump(const block::Node::SnapshotInfo& snapshot);
+int measure_main(int argc, char** argv);
+
+// "-o a=b,c=d" items in order; ",," is a literal comma (QEMU's get_opt_value).
+Result<std::vector<std::pair<std::string, std::string>>> split_options(
+    const std::vector<std::string>& texts);
+// The -o keys qemu-img accepts for qcow2 targets (QEMU's qcow2_create_opts, without encryption
+// details).
+bool is_qcow2_create_option(const std::string& key);
+// qemu-img create -f qcow2 (`given`: the -o options without size). Reports failures as
+// "FILENAME: <error_prefix>message" and returns 1; 0 on success. `quiet` drops the
+// "Formatting ..." line.
+int create_qcow2(const std::string& filename, const std::map<std::string, std::string>& given,
+                 std::optional<uint64_t> size, bool unsafe, bool quiet,
+                 const std::string& error_prefix);
 
 // Creates (or truncates) a raw image file of `size` bytes with QEMU's raw preallocation modes
 // (off, falloc, full); allocates the first block like file-posix's create.

@@ -100,6 +100,10 @@ enum RequestFlags : uint32_t {
   kRequestMayUnmap = 1u << 1,     // write-zeroes may deallocate
   kRequestNoFallback = 1u << 2,   // write-zeroes must be fast or fail with ENOTSUP
   kRequestSerialising = 1u << 3,  // wait for and block overlapping requests (RMW, COW)
+  // Store the data compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED): writes only, honoured by
+  // qcow2 for whole, cluster-aligned clusters (the last may end at the image end); other
+  // drivers fail with ENOTSUP.
+  kRequestWriteCompressed = 1u << 4,
   // A read that does not wait for serialising requests (QEMU's BDRV_REQ_NO_SERIALISING): write
   // notifiers such as copy-before-write read old data while the write that triggered them holds
   // its range.
@@ -244,6 +248,8 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
   // ImageInfo "format-specific" member, or null.
   virtual nlohmann::json format_specific_info() const { return nullptr; }
   virtual std::optional<uint64_t> cluster_size() const { return std::nullopt; }
+  // Whether co_pwritev honours kRequestWriteCompressed (QEMU: bdrv_co_pwritev_compressed_part).
+  virtual bool supports_compressed_writes() const { return false; }
   // The backing file the image's own metadata names (QEMU's bs->backing_file and
   // bs->backing_format), reported whichever backing node is attached, or none.
   struct BackingFileName {

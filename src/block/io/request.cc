@@ -365,7 +365,12 @@ aio::Task<Result<void>> pwritev(Node& node, uint64_t offset, IoVector qiov, uint
     bool waited = co_await wait_serialising(request);
     (void)waited;
   }
-  const uint32_t driver_flags = flags & kRequestFua;
+  const uint32_t driver_flags = flags & (kRequestFua | kRequestWriteCompressed);
+  if ((flags & kRequestWriteCompressed) != 0 &&
+      (!node.supports_compressed_writes() || range.partial())) {
+    co_return Error(ErrorKind::kUnsupported, "Compression is not supported for this drive",
+                    ENOTSUP);
+  }
 
   if (!range.partial() && detail::is_memory_aligned(node, qiov)) {
     Result<void> notified =

@@ -14,8 +14,9 @@
 //   multiples of limits().memory_alignment (unaligned caller buffers are bounced);
 // - no write, write-zeroes, discard or truncate reaches a node that is read-only or inactive;
 // - the request is in the node's gate and tracked; the only flags passed through are kRequestFua
-//   (writes; drivers implement FUA themselves), kRequestFua | kRequestMayUnmap | kRequestNoFallback
-//   (write-zeroes).
+//   (writes; drivers implement FUA themselves), kRequestWriteCompressed (writes, only to nodes
+//   whose supports_compressed_writes() is true), kRequestFua | kRequestMayUnmap |
+//   kRequestNoFallback (write-zeroes).
 //
 // Errors: a range beyond INT64_MAX is kInvalidArgument/EINVAL; a data request beyond length() is
 // kIo/EIO; a write to a read-only or inactive node is kPermission/EPERM. Zero-length requests
@@ -45,7 +46,8 @@ inline constexpr uint64_t kMaxBounceBytes = 1u << 20;
 aio::Task<Result<void>> preadv(Node& node, uint64_t offset, IoVector qiov, uint32_t flags = 0);
 // Writes qiov.size() bytes at `offset`. An unaligned write is a read-modify-write of its head and
 // tail blocks, serialised against every overlapping request. flags: kRequestFua,
-// kRequestSerialising.
+// kRequestSerialising, kRequestWriteCompressed (ENOTSUP "Compression is not supported for this
+// drive" unless the node supports it and the request is aligned).
 aio::Task<Result<void>> pwritev(Node& node, uint64_t offset, IoVector qiov, uint32_t flags = 0);
 aio::Task<Result<void>> pread(Node& node, uint64_t offset, void* buffer, size_t bytes);
 aio::Task<Result<void>> pwrite(Node& node, uint64_t offset, const void* buffer, size_t bytes,

@@ -123,6 +123,7 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   Child* backing_child() const override { return child("backing"); }
   nlohmann::json format_specific_info() const override;
   std::optional<uint64_t> cluster_size() const override { return header_.cluster_size(); }
+  bool supports_compressed_writes() const override { return refcounts_ != nullptr; }
   std::optional<bool> dirty_flag() const override {
     return (header_.incompatible_features & (1ull << 0)) != 0;
   }
@@ -389,6 +390,20 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   std::vector<uint64_t> active_l1_table() const;
   // Writes `bytes` at `offset` of the header and flushes (QEMU's bdrv_pwrite_sync on a field).
   aio::Task<Result<void>> write_header_field(uint64_t offset, const void* data, uint64_t bytes);
+  // ---- compressed writes (compressed_write.cc) ----
+  // kRequestWriteCompressed: whole clusters (the last may end at the image end), compressed in
+  // parallel on the compression thread pool; clusters that do not compress are written normally.
+  aio::Task<Result<void>> write_compressed(uint64_t offset, uint64_t bytes, IoVector qiov);
+  // The L2 reference of `guest_cluster`, first allocating an empty L2 table (flushed before the
+  // L1 entry points at it) when there is none. Exclusive lock.
+  aio::Task<Result<L2Ref>> ensure_l2_table(uint64_t guest_cluster);
+  // QEMU's qcow2_alloc_bytes: `size` (< one cluster) bytes for compressed data, packed after the
+  // previous ones; every host cluster the range touches gains one reference. New host clusters
+  // are allocated (refcount 1) at once; the other increments are added to `pending` (host
+  // cluster index -> references to add), which the caller writes before publishing anything.
+  // Exclusive lock.
+  aio::Task<Result<uint64_t>> allocate_compressed_bytes(uint64_t size,
+                                                        std::map<uint64_t, uint64_t>& pending);
 
   aio::CoRwLock lock_;
   aio::CoMutex meta_;
@@ -405,6 +420,9 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   uint32_t overlap_checks_ = 0;  // OverlapBits enabled by the overlap-check option
   bool signaled_corruption_ = false;
   bool corrupted_ = false;  // a fatal corruption was signalled: no more I/O
+  // Where the next compressed cluster may be packed (0: start a new host cluster). Reset when a
+  // compressed cluster is released, since its host cluster may have been freed and reused.
+  uint64_t free_byte_offset_ = 0;
 
   Header header_;
   std::optional<bool> metadata_preallocation_;

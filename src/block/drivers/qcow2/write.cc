@@ -194,6 +194,9 @@ aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t offset, uint64_t bytes, I
   if (!usable) {
     co_return usable;
   }
+  if (flags & kRequestWriteCompressed) {
+    co_return co_await write_compressed(offset, bytes, std::move(qiov));
+  }
   uint64_t done = 0;
   {
     auto shared = co_await lock_.scoped_read_lock();
@@ -590,6 +593,7 @@ aio::Task<Result<void>> Qcow2Node::release_entry(uint64_t entry) {
   }
   block::debug_event(child("file"), BlkdebugEvent::kClusterFree);
   if (entry & kOflagCompressed) {
+    free_byte_offset_ = 0;  // the host cluster compressed writes pack into may become free
     // QEMU's qcow2_parse_compressed_l2_entry: the bytes [coffset, coffset + csize) belong to the
     // cluster, and every host cluster they touch holds one reference.
     const uint32_t csize_shift = 62 - (header_.cluster_bits - 8);
