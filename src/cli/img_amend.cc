@@ -21,7 +21,7 @@ namespace {
 enum { kOptObject = 256, kOptImageOpts, kOptForce };
 
 // "-o a=b,c=d" items in order; ",," is a literal comma (QEMU's get_opt_value).
-std::vector<std::pair<std::string, std::string>> split_options(
+std::vector<std::pair<std::string, std::string>> split_amend_options(
     const std::vector<std::string>& texts) {
   std::vector<std::pair<std::string, std::string>> items;
   for (const auto& text : texts) {
@@ -149,7 +149,7 @@ int amend_main(int argc, char** argv) {
   }
 
   block::qcow2::Qcow2Node::AmendOptions amend;
-  for (const auto& [name, value] : split_options(option_texts)) {
+  for (const auto& [name, value] : split_amend_options(option_texts)) {
     if (name == "compat") {
       if (value == "0.10" || value == "v2") {
         amend.version = 2;

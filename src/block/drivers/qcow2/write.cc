@@ -65,7 +65,7 @@ bool reads_as_zeroes(uint64_t entry, bool has_backing) {
 // ---- open ----------------------------------------------------------------------------------
 
 Result<void> Qcow2Node::prepare_writes(
-    const Extensions& extensions, uint64_t refcount_cache_blocks,
+    const Extensions& /*extensions*/, uint64_t refcount_cache_blocks,
     const std::function<Result<void>(aio::Task<Result<void>>)>& run, bool active) {
   // QEMU refuses these too (qcow2_do_open).
   if (header_.incompatible_features & kIncompatCorrupt) {
@@ -308,7 +308,7 @@ aio::Task<Result<uint64_t>> Qcow2Node::write_clusters(uint64_t offset, uint64_t 
       Result<void> allowed =
           co_await pre_write_overlap_check(0, (ref->entry & kL2OffsetMask) + in_cluster, n, true);
       if (!allowed) {
-        co_return allowed;
+        co_return std::move(allowed).error();
       }
       meta.unlock();
       block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
@@ -468,8 +468,11 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
     if (tail != 0) {
       cluster_data.append(zero_cluster_.data(), tail);
     }
-    block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
-    filled = co_await write_growing(file(), *host, cluster_data);
+    filled = co_await pre_write_overlap_check(0, *host, cluster_data.size(), /*data_file=*/true);
+    if (filled) {
+      block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
+      filled = co_await write_growing(file(), *host, cluster_data);
+    }
   } else if (filled) {
     std::vector<uint8_t> head(offset - guest_start);
     std::vector<uint8_t> tail(guest_start + (count << cluster_bits) - (offset + bytes));
@@ -489,10 +492,10 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
       cluster_data.append(tail.data(), tail.size());
       filled = co_await pre_write_overlap_check(0, *host, cluster_data.size(),
                                                 /*data_file=*/true);
-    }
-    if (filled) {
-      block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
-      filled = co_await write_growing(file(), *host, cluster_data);
+      if (filled) {
+        block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
+        filled = co_await write_growing(file(), *host, cluster_data);
+      }
     }
   }
   meta = co_await meta_.scoped_lock();
