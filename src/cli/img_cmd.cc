@@ -366,13 +366,13 @@ int img_main(int argc, char** argv) {
     int (*main)(int, char**);
   };
   static const Entry kEntries[] = {
-      {"info", img::info_main},         {"map", img::map_main},
-      {"compare", img::compare_main},   {"convert", img::convert_main},
-      {"create", img::create_main},     {"check", img::check_main},
-      {"bitmap", img::bitmap_main},     {"rebase", img::rebase_main},
-      {"commit", img::commit_main},     {"amend", img::amend_main},
-      {"bench", img::bench_main},       {"snapshot", img::snapshot_main},
-      {"resize", img::resize_main},     {"measure", img::measure_main},
+      {"info", img::info_main},       {"map", img::map_main},
+      {"compare", img::compare_main}, {"convert", img::convert_main},
+      {"create", img::create_main},   {"check", img::check_main},
+      {"bitmap", img::bitmap_main},   {"rebase", img::rebase_main},
+      {"commit", img::commit_main},   {"amend", img::amend_main},
+      {"bench", img::bench_main},     {"snapshot", img::snapshot_main},
+      {"resize", img::resize_main},   {"measure", img::measure_main},
   };
   for (const auto& entry : kEntries) {
     if (command == entry.name) {

@@ -279,7 +279,7 @@ Result<void> ExportManager::add_export(const nlohmann::json& args, bool keyval) 
   auto exp = std::make_shared<nbd::Export>(id, std::move(config), node->shared_from_this());
   uint64_t perm = block::kPermConsistentRead | (writable ? uint64_t{block::kPermWrite} : 0u);
   auto root = daemon_.graph().attach_root(*exp, node->shared_from_this(), "root", block::kRoleImage,
-                                          perm, block::kPermAll);
+                                          perm, block::kPermAll & ~uint64_t{block::kPermResize});
   if (!root) {
     return std::move(root).error();
   }

@@ -22,24 +22,18 @@
 #include "aio/task_group.h"
 #include "block/io/request.h"
 #include "graph_test_util.h"
+#include "qcow2_test_util.h"
 
 namespace strata::block {
 namespace {
 
+using testing::DropAfterNode;
 using testing::error_of;
+using testing::have_qemu_img;
 using testing::open_node;
+using testing::slurp;
 using testing::TempDir;
 using testing::TestUser;
-
-bool have_qemu_img() {
-  static const bool have = std::system("qemu-img --version >/dev/null 2>&1") == 0;
-  return have;
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
 struct CompressedCase {
   const char* compression_type;
@@ -61,13 +55,7 @@ class Qcow2CompressedWriteTest : public ::testing::TestWithParam<CompressedCase>
   }
 
   int sh(const std::string& command, std::string* output = nullptr) {
-    const std::string log = dir_path_ + "/sh.log";
-    const int status =
-        std::system(("cd '" + dir_path_ + "' && (" + command + ") >'" + log + "' 2>&1").c_str());
-    if (output != nullptr) {
-      *output = slurp(log);
-    }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return testing::run_shell_in(dir_path_, command, output);
   }
 
   template <typename T>

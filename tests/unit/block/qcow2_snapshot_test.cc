@@ -21,66 +21,19 @@
 #include "block/drivers/qcow2/snapshot_table.h"
 #include "block/io/request.h"
 #include "graph_test_util.h"
+#include "qcow2_test_util.h"
 
 namespace strata::block {
 namespace {
 
 using qcow2::SnapshotEntry;
+using testing::DropAfterNode;
 using testing::error_of;
+using testing::have_qemu_img;
 using testing::open_node;
+using testing::slurp;
 using testing::TempDir;
 using testing::TestUser;
-
-bool have_qemu_img() {
-  static const bool have = std::system("qemu-img --version >/dev/null 2>&1") == 0;
-  return have;
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-// Forwards to its child, but after `limit` writes acknowledges writes and flushes without doing
-// them: the file a crash leaves behind.
-class DropAfterNode final : public Node {
- public:
-  DropAfterNode(std::string name, uint64_t limit) : Node(options(std::move(name))), limit_(limit) {}
-  const char* driver_name() const override { return "drop-after"; }
-  bool is_filter() const override { return true; }
-  uint64_t length() const override { return inner().length(); }
-  aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t, IoVector qiov,
-                                    uint32_t flags) override {
-    Result<void> read = co_await io::preadv(inner(), offset, qiov, flags);
-    co_return read;
-  }
-  aio::Task<Result<void>> co_pwritev(uint64_t offset, uint64_t, IoVector qiov,
-                                     uint32_t flags) override {
-    if (writes_++ >= limit_) {
-      co_return ok();
-    }
-    Result<void> written = co_await io::pwritev(inner(), offset, qiov, flags & kRequestFua);
-    co_return written;
-  }
-  aio::Task<Result<void>> co_flush() override { co_return ok(); }
-  // Growing still happens (the writes that follow need the length); a crashed file that grew
-  // reads as zeroes there.
-  aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact) override {
-    Result<void> done = co_await io::truncate(inner(), new_size, exact);
-    co_return done;
-  }
-  uint64_t writes() const { return writes_; }
-
- private:
-  static CommonOptions options(std::string name) {
-    CommonOptions common;
-    common.node_name = std::move(name);
-    return common;
-  }
-  Node& inner() const { return *child("file")->node(); }
-  uint64_t limit_;
-  uint64_t writes_ = 0;
-};
 
 class Qcow2SnapshotTest : public ::testing::Test {
  protected:
@@ -94,13 +47,7 @@ class Qcow2SnapshotTest : public ::testing::Test {
   }
 
   int sh(const std::string& command, std::string* output = nullptr) {
-    const std::string log = dir_path_ + "/sh.log";
-    const int status =
-        std::system(("cd '" + dir_path_ + "' && (" + command + ") >'" + log + "' 2>&1").c_str());
-    if (output != nullptr) {
-      *output = slurp(log);
-    }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return testing::run_shell_in(dir_path_, command, output);
   }
 
   template <typename T>

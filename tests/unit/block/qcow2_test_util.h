@@ -1,0 +1,88 @@
+#pragma once
+// Helpers shared by the qcow2 unit tests: the QEMU peer probe, file and shell helpers, and a
+// crash stand-in node.
+
+#include <sys/wait.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+#include "block/graph/node.h"
+#include "block/io/request.h"
+#include "graph_test_util.h"
+
+namespace strata::block::testing {
+
+// Whether qemu-img runs here (tests that compare with it skip otherwise).
+inline bool have_qemu_img() {
+  static const bool have = std::system("qemu-img --version >/dev/null 2>&1") == 0;
+  return have;
+}
+
+// The whole content of the file at `path` ("" when it cannot be read).
+inline std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Runs `command` with /bin/sh in directory `dir`; its stdout and stderr go to `output` when given.
+// Returns the exit status (-1 when it did not exit normally).
+inline int run_shell_in(const std::string& dir, const std::string& command,
+                        std::string* output = nullptr) {
+  const std::string log = dir + "/sh.log";
+  const int status =
+      std::system(("cd '" + dir + "' && (" + command + ") >'" + log + "' 2>&1").c_str());
+  if (output != nullptr) {
+    *output = slurp(log);
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// A crash stand-in: forwards everything to its child, but after `limit` writes have gone through
+// it acknowledges writes and flushes without doing them. Growing still happens (the writes that
+// follow need the length); a crashed file that grew reads as zeroes there.
+class DropAfterNode final : public Node {
+ public:
+  DropAfterNode(std::string name, uint64_t limit) : Node(options(std::move(name))), limit_(limit) {}
+  const char* driver_name() const override { return "drop-after"; }
+  bool is_filter() const override { return true; }
+  uint64_t length() const override { return inner().length(); }
+  aio::Task<Result<void>> co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                    uint32_t flags) override {
+    (void)bytes;
+    Result<void> read = co_await io::preadv(inner(), offset, qiov, flags);
+    co_return read;
+  }
+  aio::Task<Result<void>> co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                     uint32_t flags) override {
+    (void)bytes;
+    if (writes_++ >= limit_) {
+      co_return ok();
+    }
+    Result<void> written = co_await io::pwritev(inner(), offset, qiov, flags & kRequestFua);
+    co_return written;
+  }
+  aio::Task<Result<void>> co_flush() override { co_return ok(); }
+  aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact) override {
+    Result<void> done = co_await io::truncate(inner(), new_size, exact);
+    co_return done;
+  }
+  uint64_t writes() const { return writes_; }
+  // Whether a write has been dropped already (a flush after that is not a real one).
+  bool dropping() const { return writes_ > limit_; }
+
+ private:
+  static CommonOptions options(std::string name) {
+    CommonOptions common;
+    common.node_name = std::move(name);
+    return common;
+  }
+  Node& inner() const { return *child("file")->node(); }
+  uint64_t limit_;
+  uint64_t writes_ = 0;
+};
+
+}  // namespace strata::block::testing
