@@ -264,10 +264,17 @@ int commit_main(int argc, char** argv) {
     report("Could not open '" + base_layer.path + "': " + base.error().message());
     return 1;
   }
-  if ((*base)->length() < layers.front().node->length()) {
-    report("Cannot commit into a base smaller than the image: strata cannot resize '" +
-           base_layer.path + "'");
-    return 1;
+  // QEMU's commit grows a base that is smaller than the image (bdrv_commit / commit job).
+  const uint64_t top_length = layers.front().node->length();
+  if ((*base)->length() < top_length) {
+    Result<void> grown = session.add_perm(**base, block::kPermResize);
+    if (grown) {
+      grown = session.loop().block_on(block::io::truncate(**base, top_length, false));
+    }
+    if (!grown) {
+      report("Could not resize '" + base_layer.path + "': " + grown.error().message());
+      return 1;
+    }
   }
   if (!session.loop().block_on(copy_into_base(layers, **base, progress))) {
     return 1;

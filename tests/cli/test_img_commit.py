@@ -85,3 +85,28 @@ def test_commit_without_backing_file_fails_like_qemu_img(tmp_path):
     reference = run("qemu-img", "commit", path)
     assert mine.returncode == reference.returncode == 1
     assert mine.stderr.replace("strata img", "qemu-img") == reference.stderr
+
+
+def build_grown_chain(directory):
+    """A 4M base under a 6M top with data past the base's end."""
+    os.makedirs(directory)
+    path = lambda name: os.path.join(directory, name)  # noqa: E731
+    ok(run("qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "4M"))
+    qemu_io(path("base.qcow2"), "write -P 1 0 4M")
+    ok(run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+           path("top.qcow2"), "6M"))
+    qemu_io(path("top.qcow2"), "write -P 2 3M 2M")
+    return directory
+
+
+def test_commit_grows_a_smaller_base(tmp_path):
+    ours = build_grown_chain(str(tmp_path / "ours"))
+    theirs = build_grown_chain(str(tmp_path / "theirs"))
+    mine = run(STRATA, "img", "commit", "top.qcow2", cwd=ours)
+    reference = run("qemu-img", "commit", "top.qcow2", cwd=theirs)
+    assert (mine.returncode, mine.stdout) == (reference.returncode, reference.stdout)
+    for image in ("base.qcow2", "top.qcow2"):
+        ok(run("qemu-img", "check", os.path.join(ours, image)))
+        ok(run("qemu-img", "compare", os.path.join(ours, image), os.path.join(theirs, image)))
+    info = ok(run("qemu-img", "info", "--output=json", os.path.join(ours, "base.qcow2"))).stdout
+    assert '"virtual-size": 6291456' in info
