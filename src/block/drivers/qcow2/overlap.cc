@@ -103,7 +103,7 @@ uint32_t Qcow2Node::metadata_overlap(uint32_t ignore, uint64_t offset, uint64_t 
     }
   }
   if ((checks & kOverlapRefcountBlock) != 0 && refcounts_ != nullptr) {
-    for (uint64_t i = 0; i < refcounts_->table_entries(); ++i) {
+    for (uint64_t i = 0; i < refcounts_->used_entries(); ++i) {
       const uint64_t block_offset = refcounts_->table_entry(i) & kL1OffsetMask;
       if (block_offset != 0 && ranges_overlap(start, length, block_offset, cluster_size)) {
         return kOverlapRefcountBlock;

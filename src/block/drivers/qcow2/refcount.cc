@@ -101,7 +101,16 @@ Refcounts::Refcounts(Node& file, Header& header, std::vector<uint64_t> table, ui
                         ? UINT64_MAX
                         : (uint64_t{1} << (1u << header.refcount_order)) - 1),
       allocated_end_((image_end + header.cluster_size() - 1) >> header.cluster_bits),
-      cache_capacity_(std::max<uint64_t>(cache_blocks, 1)) {}
+      cache_capacity_(std::max<uint64_t>(cache_blocks, 1)) {
+  recount_used_entries();
+}
+
+void Refcounts::recount_used_entries() {
+  used_entries_ = table_.size();
+  while (used_entries_ > 0 && table_[used_entries_ - 1] == 0) {
+    --used_entries_;
+  }
+}
 
 void Refcounts::cache_insert(uint64_t offset, Block block) {
   if (auto it = index_.find(offset); it != index_.end()) {
@@ -308,6 +317,7 @@ aio::Task<Result<Refcounts::Block>> Refcounts::ensure_block(uint64_t index) {
       co_return std::move(hooked).error();
     }
     table_[index] = block_offset;
+    used_entries_ = std::max(used_entries_, index + 1);
     cache_insert(block_offset, block);
     co_return block;
   }
@@ -402,6 +412,7 @@ aio::Task<Result<void>> Refcounts::grow_table(uint64_t min_entries) {
   header_.refcount_table_offset = table_offset;
   header_.refcount_table_clusters = clusters32;
   table_ = std::move(new_table);
+  recount_used_entries();
   for (uint64_t i = 0; i < block_count; ++i) {
     auto block = std::make_shared<std::vector<uint8_t>>(
         blocks.begin() + static_cast<ptrdiff_t>(i << cluster_bits_),

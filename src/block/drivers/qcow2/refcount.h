@@ -89,6 +89,9 @@ class Refcounts {
   uint64_t allocated_end_offset() const { return allocated_end_ << cluster_bits_; }
 
   uint64_t table_entries() const { return table_.size(); }
+  // One past the last refcount table entry that is not 0 (QEMU's max_refcount_table_index + 1):
+  // the overlap checks look at no entry past it.
+  uint64_t used_entries() const { return used_entries_; }
   // Refcount table entry `index` as stored (0 past the table); for the overlap checks.
   uint64_t table_entry(uint64_t index) const { return index < table_.size() ? table_[index] : 0; }
   uint64_t free_cluster_hint() const { return free_hint_; }
@@ -109,11 +112,13 @@ class Refcounts {
   aio::Task<Result<void>> write(uint64_t offset, const void* data, uint64_t bytes);
   aio::Task<Result<void>> barrier();
   void cache_insert(uint64_t offset, Block block);
+  void recount_used_entries();
   void mark_dirty(uint64_t offset) { dirty_.insert(offset); }
 
   Node& file_;
   Header& header_;
   std::vector<uint64_t> table_;
+  uint64_t used_entries_ = 0;  // see used_entries()
   uint64_t cluster_size_;
   uint32_t cluster_bits_;
   uint32_t order_;       // log2(refcount bits)
