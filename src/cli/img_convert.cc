@@ -62,8 +62,30 @@ struct ConvertState {
   std::optional<std::string> error;
 };
 
+// Whether `length` bytes are all zero: the first word decides most data buffers at once, then
+// 64-byte blocks are OR-ed together (vectorised) with one test per block (qemu's buffer_is_zero
+// plays the same part). A byte-by-byte loop cost a fifth of a raw->qcow2 convert.
 bool sector_is_zero(const uint8_t* data, uint64_t length) {
-  for (uint64_t i = 0; i < length; ++i) {
+  uint64_t i = 0;
+  if (length >= 8) {
+    uint64_t first = 0;
+    std::memcpy(&first, data, sizeof(first));
+    if (first != 0) {
+      return false;
+    }
+  }
+  for (; i + 64 <= length; i += 64) {
+    uint64_t words[8];
+    std::memcpy(words, data + i, sizeof(words));
+    uint64_t any = 0;
+    for (uint64_t w : words) {
+      any |= w;
+    }
+    if (any != 0) {
+      return false;
+    }
+  }
+  for (; i < length; ++i) {
     if (data[i] != 0) {
       return false;
     }
