@@ -62,11 +62,14 @@ struct ConvertState {
   std::optional<std::string> error;
 };
 
-// Whether `length` bytes are all zero: the first word decides most data buffers at once, then
-// 64-byte blocks are OR-ed together (vectorised) with one test per block (qemu's buffer_is_zero
-// plays the same part). A byte-by-byte loop cost a fifth of a raw->qcow2 convert.
+// Whether `length` bytes are all zero: the first word decides most data buffers at once; the
+// rest is compared with itself shifted by one byte, which libc's vectorised memcmp does far
+// faster than a loop (qemu's buffer_is_zero plays the same part). A byte-by-byte loop cost a
+// fifth of a raw->qcow2 convert.
 bool sector_is_zero(const uint8_t* data, uint64_t length) {
-  uint64_t i = 0;
+  if (length == 0) {
+    return true;
+  }
   if (length >= 8) {
     uint64_t first = 0;
     std::memcpy(&first, data, sizeof(first));
@@ -74,23 +77,7 @@ bool sector_is_zero(const uint8_t* data, uint64_t length) {
       return false;
     }
   }
-  for (; i + 64 <= length; i += 64) {
-    uint64_t words[8];
-    std::memcpy(words, data + i, sizeof(words));
-    uint64_t any = 0;
-    for (uint64_t w : words) {
-      any |= w;
-    }
-    if (any != 0) {
-      return false;
-    }
-  }
-  for (; i < length; ++i) {
-    if (data[i] != 0) {
-      return false;
-    }
-  }
-  return true;
+  return data[0] == 0 && std::memcmp(data, data + 1, length - 1) == 0;
 }
 
 // qemu-img's is_allocated_sectors: the run of sectors at the start of `buffer` that are all zero
