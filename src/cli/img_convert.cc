@@ -90,6 +90,14 @@ bool allocated_sectors(const uint8_t* buffer, uint64_t sectors, uint64_t sector_
   }
   bool is_zero = sector_is_zero(buffer, kSectorSize);
   uint64_t i = 1;
+  if (is_zero) {
+    // Zero runs are skipped a page at a time; the sector loop below finds where one ends.
+    constexpr uint64_t kBlock = 8;
+    while (i + kBlock <= sectors &&
+           sector_is_zero(buffer + i * kSectorSize, kBlock * kSectorSize)) {
+      i += kBlock;
+    }
+  }
   for (; i < sectors; ++i) {
     if (is_zero != sector_is_zero(buffer + i * kSectorSize, kSectorSize)) {
       break;
