@@ -62,13 +62,22 @@ struct ConvertState {
   std::optional<std::string> error;
 };
 
+// Whether `length` bytes are all zero: the first word decides most data buffers at once; the
+// rest is compared with itself shifted by one byte, which libc's vectorised memcmp does far
+// faster than a loop (qemu's buffer_is_zero plays the same part). A byte-by-byte loop cost a
+// fifth of a raw->qcow2 convert.
 bool sector_is_zero(const uint8_t* data, uint64_t length) {
-  for (uint64_t i = 0; i < length; ++i) {
-    if (data[i] != 0) {
+  if (length == 0) {
+    return true;
+  }
+  if (length >= 8) {
+    uint64_t first = 0;
+    std::memcpy(&first, data, sizeof(first));
+    if (first != 0) {
       return false;
     }
   }
-  return true;
+  return data[0] == 0 && std::memcmp(data, data + 1, length - 1) == 0;
 }
 
 // qemu-img's is_allocated_sectors: the run of sectors at the start of `buffer` that are all zero
@@ -81,6 +90,14 @@ bool allocated_sectors(const uint8_t* buffer, uint64_t sectors, uint64_t sector_
   }
   bool is_zero = sector_is_zero(buffer, kSectorSize);
   uint64_t i = 1;
+  if (is_zero) {
+    // Zero runs are skipped a page at a time; the sector loop below finds where one ends.
+    constexpr uint64_t kBlock = 8;
+    while (i + kBlock <= sectors &&
+           sector_is_zero(buffer + i * kSectorSize, kBlock * kSectorSize)) {
+      i += kBlock;
+    }
+  }
   for (; i < sectors; ++i) {
     if (is_zero != sector_is_zero(buffer + i * kSectorSize, kSectorSize)) {
       break;
