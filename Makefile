@@ -5,7 +5,7 @@
 #   make test       sanitizer build (build-asan/) and every test through CTest
 #   make test-long  make test, then a long fuzzing soak
 #   make bench      benchmarks side by side with QEMU's tools and fio (scripts/run-benchmarks,
-#                   scripts/bench-img)
+#                   scripts/bench-img, scripts/bench-convert, scripts/bench-nbd)
 #   make fuzz       libFuzzer targets (clang), each run briefly
 #   make format     rewrite the tree with clang-format
 
@@ -46,6 +46,7 @@ bench: deps-peers
 	scripts/run-benchmarks
 	scripts/bench-img
 	scripts/bench-convert
+	scripts/bench-nbd
 
 fuzz: deps
 	cmake --preset fuzz
