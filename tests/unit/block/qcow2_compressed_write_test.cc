@@ -40,27 +40,14 @@ struct CompressedCase {
   uint32_t cluster_size;
 };
 
-class Qcow2CompressedWriteTest : public ::testing::TestWithParam<CompressedCase> {
+class Qcow2CompressedWriteTest
+    : public testing::Qcow2Fixture<::testing::TestWithParam<CompressedCase>> {
  protected:
   void SetUp() override {
     if (!have_qemu_img()) {
       GTEST_SKIP() << "qemu-img not installed";
     }
-    ASSERT_TRUE(dir_.ok());
-    auto loop = aio::EventLoop::create();
-    ASSERT_TRUE(loop) << loop.error().message();
-    loop_ = std::move(loop).value();
-    dir_path_ = dir_.file("probe", 0);
-    dir_path_ = dir_path_.substr(0, dir_path_.rfind('/'));
-  }
-
-  int sh(const std::string& command, std::string* output = nullptr) {
-    return testing::run_shell_in(dir_path_, command, output);
-  }
-
-  template <typename T>
-  T run(aio::Task<T> task) {
-    return loop_->block_on(std::move(task));
+    Qcow2Fixture::SetUp();
   }
 
   std::shared_ptr<Node> open_rw(const std::string& image, const std::string& driver = "qcow2") {
@@ -91,13 +78,7 @@ class Qcow2CompressedWriteTest : public ::testing::TestWithParam<CompressedCase>
     node.reset();
   }
 
-  TempDir dir_;
-  std::string dir_path_;
-  std::unique_ptr<aio::EventLoop> loop_;
-  Graph graph_;
-  TestUser user_{"block device 'test'"};
   std::unique_ptr<Child> root_;
-  int counter_ = 0;
 };
 
 aio::Task<void> write_into(Node& node, uint64_t offset, std::string data, uint32_t flags,

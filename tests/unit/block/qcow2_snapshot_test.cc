@@ -35,33 +35,7 @@ using testing::slurp;
 using testing::TempDir;
 using testing::TestUser;
 
-class Qcow2SnapshotTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    ASSERT_TRUE(dir_.ok());
-    auto loop = aio::EventLoop::create();
-    ASSERT_TRUE(loop) << loop.error().message();
-    loop_ = std::move(loop).value();
-    dir_path_ = dir_.file("probe", 0);
-    dir_path_ = dir_path_.substr(0, dir_path_.rfind('/'));
-  }
-
-  int sh(const std::string& command, std::string* output = nullptr) {
-    return testing::run_shell_in(dir_path_, command, output);
-  }
-
-  template <typename T>
-  T run(aio::Task<T> task) {
-    return loop_->block_on(std::move(task));
-  }
-
-  TempDir dir_;
-  std::string dir_path_;
-  std::unique_ptr<aio::EventLoop> loop_;
-  Graph graph_;
-  TestUser user_{"block device 'test'"};
-  int counter_ = 0;
-};
+class Qcow2SnapshotTest : public testing::Qcow2Fixture<> {};
 
 TEST_F(Qcow2SnapshotTest, TableRoundTripKeepsEveryField) {
   std::vector<SnapshotEntry> entries(3);

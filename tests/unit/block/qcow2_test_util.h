@@ -8,8 +8,13 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <string>
 
+#include <gtest/gtest.h>
+
+#include "aio/event_loop.h"
+#include "block/graph/graph.h"
 #include "block/graph/node.h"
 #include "block/io/request.h"
 #include "graph_test_util.h"
@@ -83,6 +88,38 @@ class DropAfterNode final : public Node {
   Node& inner() const { return *child("file")->node(); }
   uint64_t limit_;
   uint64_t writes_ = 0;
+};
+
+// What the qcow2 fixtures share: a temporary directory, an event loop, a graph and a root user.
+// `Base` is ::testing::Test or a ::testing::TestWithParam<...>.
+template <typename Base = ::testing::Test>
+class Qcow2Fixture : public Base {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(dir_.ok());
+    auto loop = aio::EventLoop::create();
+    ASSERT_TRUE(loop) << loop.error().message();
+    loop_ = std::move(loop).value();
+    dir_path_ = dir_.file("probe", 0);
+    dir_path_ = dir_path_.substr(0, dir_path_.rfind('/'));
+  }
+
+  // Runs `command` in the test directory; returns its exit status, output in `output`.
+  int sh(const std::string& command, std::string* output = nullptr) {
+    return run_shell_in(dir_path_, command, output);
+  }
+
+  template <typename T>
+  T run(aio::Task<T> task) {
+    return loop_->block_on(std::move(task));
+  }
+
+  TempDir dir_;
+  std::string dir_path_;
+  std::unique_ptr<aio::EventLoop> loop_;
+  Graph graph_;
+  TestUser user_{"block device 'test'"};
+  int counter_ = 0;
 };
 
 }  // namespace strata::block::testing

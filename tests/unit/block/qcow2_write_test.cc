@@ -67,28 +67,13 @@ std::vector<Write> random_workload(uint32_t seed, uint64_t disk_size, uint64_t c
   return writes;
 }
 
-class Qcow2WriteTest : public ::testing::Test {
+class Qcow2WriteTest : public testing::Qcow2Fixture<> {
  protected:
   void SetUp() override {
     if (!have_qemu_img()) {
       GTEST_SKIP() << "qemu-img not installed";
     }
-    ASSERT_TRUE(dir_.ok());
-    auto loop = aio::EventLoop::create();
-    ASSERT_TRUE(loop) << loop.error().message();
-    loop_ = std::move(loop).value();
-    dir_path_ = dir_.file("probe", 0);
-    dir_path_ = dir_path_.substr(0, dir_path_.rfind('/'));
-  }
-
-  // Runs `command` in the test directory; returns its exit status, output in `output`.
-  int sh(const std::string& command, std::string* output = nullptr) {
-    return testing::run_shell_in(dir_path_, command, output);
-  }
-
-  template <typename T>
-  T run(aio::Task<T> task) {
-    return loop_->block_on(std::move(task));
+    Qcow2Fixture::SetUp();
   }
 
   // Opens `image` read-write (through node `file` when given) and attaches a writing root.
@@ -173,13 +158,7 @@ class Qcow2WriteTest : public ::testing::Test {
            uint32_t{static_cast<uint8_t>(head[59])};
   }
 
-  TempDir dir_;
-  std::string dir_path_;
-  std::unique_ptr<aio::EventLoop> loop_;
-  Graph graph_;
-  TestUser user_{"block device 'test'"};
   std::unique_ptr<Child> root_;
-  int counter_ = 0;
 };
 
 struct RandomCase {
