@@ -20,41 +20,6 @@ namespace {
 
 enum { kOptObject = 256, kOptImageOpts, kOptForce };
 
-// "-o a=b,c=d" items in order; ",," is a literal comma (QEMU's get_opt_value).
-std::vector<std::pair<std::string, std::string>> split_amend_options(
-    const std::vector<std::string>& texts) {
-  std::vector<std::pair<std::string, std::string>> items;
-  for (const auto& text : texts) {
-    std::string item;
-    bool has_item = false;
-    auto flush = [&]() {
-      if (has_item) {
-        const size_t eq = item.find('=');
-        items.emplace_back(item.substr(0, eq),
-                           eq == std::string::npos ? std::string("on") : item.substr(eq + 1));
-      }
-      item.clear();
-      has_item = false;
-    };
-    for (size_t i = 0; i < text.size(); ++i) {
-      if (text[i] == ',') {
-        if (i + 1 < text.size() && text[i + 1] == ',') {
-          item += ',';
-          has_item = true;
-          ++i;
-          continue;
-        }
-        flush();
-      } else {
-        item += text[i];
-        has_item = true;
-      }
-    }
-    flush();
-  }
-  return items;
-}
-
 // The qcow2 creation options qemu-img amend rejects as creation-only.
 bool creation_only(const std::string& name) {
   return name == "cluster_size" || name == "preallocation" || name == "compression_type" ||
@@ -149,7 +114,12 @@ int amend_main(int argc, char** argv) {
   }
 
   block::qcow2::Qcow2Node::AmendOptions amend;
-  for (const auto& [name, value] : split_amend_options(option_texts)) {
+  auto items = split_options(option_texts);
+  if (!items) {
+    report(items.error().message());
+    return 1;
+  }
+  for (const auto& [name, value] : *items) {
     if (name == "compat") {
       if (value == "0.10" || value == "v2") {
         amend.version = 2;
@@ -160,7 +130,8 @@ int amend_main(int argc, char** argv) {
         return 1;
       }
     } else if (name == "lazy_refcounts") {
-      if (value == "on" || value == "yes" || value == "true") {
+      // A bare key (empty value) switches the boolean on, as QEMU's qemu_opts_parse does.
+      if (value.empty() || value == "on" || value == "yes" || value == "true") {
         amend.lazy_refcounts = true;
       } else if (value == "off" || value == "no" || value == "false") {
         amend.lazy_refcounts = false;
