@@ -8,5 +8,6 @@ int daemon_main(int argc, char** argv);
 int qmp_main(int argc, char** argv);
 int img_main(int argc, char** argv);
 int io_main(int argc, char** argv);
+int nbd_main(int argc, char** argv);
 
 }  // namespace strata::cli

@@ -4,8 +4,6 @@
 
 #include <fcntl.h>
 #include <getopt.h>
-#include <signal.h>
-#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,6 +18,7 @@
 #include "base/arg_decoder.h"
 #include "base/keyval.h"
 #include "cli/commands.h"
+#include "cli/signal_watcher.h"
 #include "daemon/daemon.h"
 #include "daemon/exports.h"
 
@@ -78,50 +77,6 @@ struct Chardev {
 Result<nlohmann::json> parse_option(std::string_view text, std::string_view implied_key) {
   return qmp::parse_keyval_or_json(text, implied_key);
 }
-
-// SIGTERM/SIGINT/SIGHUP ask the daemon to shut down cleanly; SIGPIPE is ignored (a vanished QMP
-// client must not kill the daemon). The signals are read from a signalfd on the main loop.
-class SignalWatcher {
- public:
-  SignalWatcher(aio::EventLoop& loop, daemon::Daemon& daemon) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);
-    signal(SIGPIPE, SIG_IGN);
-    fd_ = signalfd(-1, &set, SFD_CLOEXEC);
-    if (fd_ >= 0) {
-      tasks_ = std::make_unique<aio::TaskGroup>();
-      tasks_->spawn(watch(loop, daemon, fd_));
-    }
-  }
-  ~SignalWatcher() {
-    tasks_.reset();  // the reader's frame goes before its descriptor
-    if (fd_ >= 0) {
-      ::close(fd_);
-    }
-  }
-
- private:
-  static aio::Task<void> watch(aio::EventLoop& loop, daemon::Daemon& daemon, int fd) {
-    signalfd_siginfo info{};
-    while (true) {
-      int n = co_await loop.read(fd, &info, sizeof(info), 0);
-      if (n == -EINTR || n == -EAGAIN) {
-        continue;
-      }
-      if (n != static_cast<int>(sizeof(info))) {
-        co_return;
-      }
-      daemon.stop();
-    }
-  }
-
-  int fd_ = -1;
-  std::unique_ptr<aio::TaskGroup> tasks_;
-};
 
 // Forks; the parent waits until the child reports that startup finished, then exits with the
 // child's status. Returns the write end of the status pipe in the child.
@@ -269,7 +224,7 @@ int daemon_main(int argc, char** argv) {
     return 1;
   }
   daemon::Daemon daemon(**loop);
-  SignalWatcher signals(**loop, daemon);
+  SignalWatcher signals(**loop, [&daemon] { daemon.stop(); });
   std::map<std::string, Chardev> chardevs;
 
   if (argc == 1) {

@@ -20,6 +20,7 @@ constexpr SubCommand kSubCommands[] = {
     {"qmp", strata::cli::qmp_main, "QMP client: one-shot command or interactive shell"},
     {"img", strata::cli::img_main, "disk image utility (qemu-img syntax: info, map, compare, ...)"},
     {"io", strata::cli::io_main, "image I/O exerciser (qemu-io syntax and commands)"},
+    {"nbd", strata::cli::nbd_main, "serve one disk image over NBD (qemu-nbd syntax)"},
 };
 
 void print_usage(FILE* out) {

@@ -143,6 +143,7 @@ aio::Task<void> Server::handshake_timer(ServerConnection& connection) {
 }
 
 aio::Task<void> Server::serve_client(int fd) {
+  bool negotiated = false;
   {
     SocketTransport transport(loop_, fd);
     ServerConnection connection(transport, *this);
@@ -154,10 +155,14 @@ aio::Task<void> Server::serve_client(int fd) {
       }
       co_await connection.run();
     }
+    negotiated = connection.in_transmission();
     clients_.erase(std::remove(clients_.begin(), clients_.end(), &connection), clients_.end());
   }
   ::close(fd);
   slot_free_.set();
+  if (config_.on_client_closed) {
+    config_.on_client_closed(negotiated, clients_.size());
+  }
 }
 
 aio::Task<void> Server::stop() {

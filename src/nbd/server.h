@@ -10,6 +10,7 @@
 // Threading: everything on `loop` (the daemon's main loop).
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,6 +28,10 @@ class ServerConnection;
 struct ServerConfig {
   uint32_t max_connections = 100;       // 0: unlimited
   uint32_t handshake_max_seconds = 10;  // 0: no limit
+  // Called on the loop after a client connection has ended and been forgotten: `negotiated` is
+  // whether it reached transmission (selected an export), `remaining` how many clients are still
+  // connected. `strata nbd` uses it to exit after the last client, as qemu-nbd does.
+  std::function<void(bool negotiated, size_t remaining)> on_client_closed;
 };
 
 class Server final : public ExportDirectory {
