@@ -85,6 +85,7 @@ aio::Task<Result<ChainStatus>> chain_status(block::Node& top, uint64_t offset, u
       result.offset = status->map_offset;
       if (result.has_offset && status->file != nullptr) {
         result.filename = status->file->filename();
+        result.file = status->file;
       }
       break;
     }

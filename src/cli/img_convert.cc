@@ -21,6 +21,7 @@
 #include "aio/sync.h"
 #include "aio/task_group.h"
 #include "block/io/request.h"
+#include "cli/img_convert_mapped_source.h"
 #include "cli/img_internal.h"
 
 namespace strata::cli::img {
@@ -33,6 +34,14 @@ constexpr uint64_t kBufferBytes = 2 << 20;
 
 // What a chunk of the source holds (qemu-img's ImgConvertBlockStatus).
 enum class ChunkKind { kData, kZero, kBackingFile };
+
+struct Chunk {
+  ChunkKind kind = ChunkKind::kData;
+  uint64_t bytes = 0;
+  // Where a data chunk's bytes lie unchanged in a file, when block status says so (else nullptr).
+  block::Node* file = nullptr;
+  uint64_t file_offset = 0;
+};
 
 struct ConvertState {
   block::Node* source = nullptr;
@@ -54,12 +63,16 @@ struct ConvertState {
   double last_progress = -1;
   uint64_t done_bytes = 0;
 
-  // Chunks are handed out in order; writes happen in that order unless -W.
+  // Chunks are handed out in order; their writes are issued in that order unless -W.
   aio::CoMutex allocate_lock;
   uint64_t next_offset = 0;
   uint64_t write_offset = 0;
   aio::CoQueue write_turn;
   std::optional<std::string> error;
+
+  // Data chunks the page cache holds are used in place (img_convert_mapped_source.h); null when
+  // the source graph does not allow it.
+  std::unique_ptr<MappedSource> mapped_source;
 };
 
 // Whether `length` bytes are all zero: the first word decides most data buffers at once; the
@@ -177,10 +190,12 @@ aio::Task<Result<void>> write_zero_range(ConvertState& s, uint64_t offset, uint6
 
 // The kind and length of the chunk at `offset` (at most kBufferBytes): qemu-img's
 // convert_iteration_sectors. With a backing file on the target only the top layer counts.
-aio::Task<Result<std::pair<ChunkKind, uint64_t>>> next_chunk(ConvertState& s, uint64_t offset) {
+aio::Task<Result<Chunk>> next_chunk(ConvertState& s, uint64_t offset) {
   const uint64_t limit = std::min(kBufferBytes, s.total - offset);
   ChunkKind kind = ChunkKind::kData;
   uint64_t bytes = 0;
+  block::Node* file = nullptr;
+  uint64_t file_offset = 0;
   if (s.target_has_backing) {
     Result<block::BlockStatus> status = co_await block::io::block_status(*s.source, offset, limit);
     if (!status) {
@@ -192,6 +207,11 @@ aio::Task<Result<std::pair<ChunkKind, uint64_t>>> next_chunk(ConvertState& s, ui
       kind = offset >= s.target_backing_length ? ChunkKind::kBackingFile : ChunkKind::kZero;
     } else if (status->flags & block::BlockStatus::kData) {
       kind = ChunkKind::kData;
+      if ((status->flags & block::BlockStatus::kOffsetValid) != 0 &&
+          (status->flags & block::BlockStatus::kCompressed) == 0) {
+        file = status->file;
+        file_offset = status->map_offset;
+      }
     } else {
       kind = ChunkKind::kBackingFile;
     }
@@ -202,7 +222,12 @@ aio::Task<Result<std::pair<ChunkKind, uint64_t>>> next_chunk(ConvertState& s, ui
     }
     bytes = std::min(status->bytes, limit);
     kind = status->zero ? ChunkKind::kZero : ChunkKind::kData;
+    if (status->data && !status->zero && status->has_offset && !status->compressed) {
+      file = status->file;
+      file_offset = status->offset;
+    }
   }
+  const uint64_t mapped_bytes = bytes;
   if (kind == ChunkKind::kZero && s.min_sparse == 0) {
     kind = ChunkKind::kData;  // -S 0: the target is fully allocated
   }
@@ -219,13 +244,26 @@ aio::Task<Result<std::pair<ChunkKind, uint64_t>>> next_chunk(ConvertState& s, ui
       bytes = std::min(bytes, limit);
     }
   }
-  co_return std::make_pair(kind, bytes);
+  if (kind != ChunkKind::kData || bytes > mapped_bytes) {
+    file = nullptr;  // -c may round a chunk out past the run block status described
+  }
+  co_return Chunk{kind, bytes, file, file_offset};
 }
 
-// Writes a data chunk for -c: zero clusters are skipped (or zeroed), runs of other clusters are
-// written compressed in one request (the driver compresses its clusters in parallel).
-aio::Task<Result<void>> write_compressed_chunk(ConvertState& s, uint64_t offset,
-                                               const uint8_t* data, uint64_t bytes) {
+// One write of a chunk: data (with its request flags) or a zero run, which is left to the
+// target's zero initialisation or written as zeroes.
+struct Piece {
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+  bool data = true;
+  uint32_t flags = 0;
+};
+
+// How a data chunk is written for -c: zero clusters are skipped (or zeroed), runs of other
+// clusters are written compressed in one request (the driver compresses its clusters in parallel).
+std::vector<Piece> plan_compressed_chunk(const ConvertState& s, uint64_t offset,
+                                         const uint8_t* data, uint64_t bytes) {
+  std::vector<Piece> pieces;
   const uint64_t cs = s.cluster_size;
   uint64_t done = 0;
   while (done < bytes) {
@@ -239,34 +277,26 @@ aio::Task<Result<void>> write_compressed_chunk(ConvertState& s, uint64_t offset,
       }
       run += next;
     }
-    // (if/else, not ?: — GCC 12 miscompiles co_await in both arms of a conditional.)
-    Result<void> written;
-    if (zero) {
-      written = co_await write_zero_range(s, offset + done, run);
-    } else {
-      written = co_await block::io::pwrite(*s.target, offset + done, data + done, run,
-                                           block::kRequestWriteCompressed);
-    }
-    if (!written) {
-      co_return written;
-    }
+    pieces.push_back(Piece{offset + done, run, !zero,
+                           zero ? 0u : static_cast<uint32_t>(block::kRequestWriteCompressed)});
     done += run;
   }
-  co_return ok();
+  return pieces;
 }
 
-// Writes a data chunk: zero runs of at least -S are left to the target's zero initialisation
-// (or written as zeroes), everything else is written (qemu-img's is_allocated_sectors_min).
-aio::Task<Result<void>> write_data_chunk(ConvertState& s, uint64_t offset, const uint8_t* data,
-                                         uint64_t bytes) {
+// How a data chunk is written: zero runs of at least -S are left to the target's zero
+// initialisation (or written as zeroes), everything else is written (qemu-img's
+// is_allocated_sectors_min). Decided before the chunk's turn to write, so that this scan runs
+// while earlier chunks are being written.
+std::vector<Piece> plan_data_chunk(const ConvertState& s, uint64_t offset, const uint8_t* data,
+                                   uint64_t bytes) {
   if (s.compressed) {
-    Result<void> written = co_await write_compressed_chunk(s, offset, data, bytes);
-    co_return written;
+    return plan_compressed_chunk(s, offset, data, bytes);
   }
   if (s.min_sparse == 0) {
-    Result<void> written = co_await block::io::pwrite(*s.target, offset, data, bytes);
-    co_return written;
+    return {Piece{offset, bytes, true, 0}};
   }
+  std::vector<Piece> pieces;
   uint64_t done = 0;
   while (done < bytes) {
     const uint64_t remaining = bytes - done;
@@ -280,18 +310,25 @@ aio::Task<Result<void>> write_data_chunk(ConvertState& s, uint64_t offset, const
     } else {
       run = remaining;
     }
-    Result<void> written;
-    if (is_data) {
-      written = co_await block::io::pwrite(*s.target, offset + done, data + done, run);
-    } else {
-      written = co_await write_zero_range(s, offset + done, run);
-    }
-    if (!written) {
-      co_return written;
-    }
+    pieces.push_back(Piece{offset + done, run, is_data, 0});
     done += run;
   }
-  co_return ok();
+  return pieces;
+}
+
+// Writes one piece; the first failure of a chunk's pieces is kept in `result`.
+aio::Task<void> write_piece(ConvertState& s, Piece piece, const uint8_t* data,
+                            Result<void>& result) {
+  // (if/else, not ?: — GCC 12 miscompiles co_await in both arms of a conditional.)
+  Result<void> written;
+  if (piece.data) {
+    written = co_await block::io::pwrite(*s.target, piece.offset, data, piece.bytes, piece.flags);
+  } else {
+    written = co_await write_zero_range(s, piece.offset, piece.bytes);
+  }
+  if (!written && result.ok()) {
+    result = std::move(written);
+  }
 }
 
 aio::Task<void> worker(ConvertState& s) {
@@ -303,18 +340,26 @@ aio::Task<void> worker(ConvertState& s) {
       s.allocate_lock.unlock();
       break;
     }
-    Result<std::pair<ChunkKind, uint64_t>> chunk = co_await next_chunk(s, offset);
+    Result<Chunk> chunk = co_await next_chunk(s, offset);
     if (!chunk) {
       s.error = "error while reading block status at offset " + std::to_string(offset) + ": " +
                 errno_text(chunk.error());
       s.allocate_lock.unlock();
       break;
     }
-    const auto [kind, bytes] = *chunk;
+    const ChunkKind kind = chunk->kind;
+    const uint64_t bytes = chunk->bytes;
     s.next_offset = offset + bytes;
     s.allocate_lock.unlock();
 
-    if (kind == ChunkKind::kData) {
+    const uint8_t* data = buffer.data();
+    if (kind == ChunkKind::kData && s.mapped_source != nullptr && chunk->file != nullptr) {
+      const uint8_t* in_place = s.mapped_source->view(*chunk->file, chunk->file_offset, bytes);
+      if (in_place != nullptr) {
+        data = in_place;
+      }
+    }
+    if (kind == ChunkKind::kData && data == buffer.data()) {
       Result<void> read = co_await block::io::pread(*s.source, offset, buffer.data(), bytes);
       if (!read) {
         s.error = "error while reading at byte " + std::to_string(offset) + ": " +
@@ -322,30 +367,43 @@ aio::Task<void> worker(ConvertState& s) {
         break;
       }
     }
+    std::vector<Piece> pieces;
+    if (kind == ChunkKind::kData) {
+      pieces = plan_data_chunk(s, offset, data, bytes);
+    } else if (kind == ChunkKind::kZero) {
+      pieces.push_back(Piece{offset, bytes, false, 0});
+    }
     while (s.in_order && s.write_offset != offset && !s.error) {
       co_await s.write_turn.wait();
     }
     if (s.error) {
       break;
     }
+    // In order means issued in order: each piece runs until its first suspension inside spawn
+    // (the target allocates its clusters in that order), and the next chunk may start issuing
+    // while these are still being written, so the target's file always has writes queued.
     Result<void> written;
-    if (kind == ChunkKind::kData) {
-      written = co_await write_data_chunk(s, offset, buffer.data(), bytes);
-    } else if (kind == ChunkKind::kZero) {
-      written = co_await write_zero_range(s, offset, bytes);
+    {
+      aio::TaskGroup writes;
+      for (const Piece& piece : pieces) {
+        writes.spawn(write_piece(s, piece, data + (piece.offset - offset), written));
+      }
+      if (s.in_order) {
+        s.write_offset = offset + bytes;
+        s.write_turn.notify_all();
+      }
+      co_await writes.wait();
     }
     if (!written) {
-      s.error = "error while writing at byte " + std::to_string(offset) + ": " +
-                errno_text(written.error());
+      if (!s.error) {
+        s.error = "error while writing at byte " + std::to_string(offset) + ": " +
+                  errno_text(written.error());
+      }
       s.write_turn.notify_all();
       break;
     }
     s.done_bytes += bytes;
     print_progress(s, false);
-    if (s.in_order) {
-      s.write_offset = offset + bytes;
-      s.write_turn.notify_all();
-    }
   }
   s.write_turn.notify_all();
 }
@@ -650,6 +708,9 @@ int convert_main(int argc, char** argv) {
   uint64_t request_sectors =
       std::max<uint64_t>(1, state.target->limits().request_alignment / kSectorSize);
   state.alignment = std::max(pow2floor(std::max<uint64_t>(state.min_sparse, 1)), request_sectors);
+  if (MappedSource::graph_allows(*state.source)) {
+    state.mapped_source = std::make_unique<MappedSource>();
+  }
   print_progress(state, true);
   (*session)->loop().block_on(run_convert(state, coroutines));
   if (state.error) {

@@ -43,6 +43,7 @@ struct ChainStatus {
   uint64_t offset = 0;
   int depth = 0;
   std::optional<std::string> filename;  // the file the offset is in
+  block::Node* file = nullptr;          // the node the offset is in (when has_offset)
 };
 // Status of [offset, offset + bytes) of `node`, descending into backing files where a layer has
 // neither data nor zeroes (QEMU's bdrv_block_status_above with base NULL).

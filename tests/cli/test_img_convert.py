@@ -184,6 +184,32 @@ def test_compressed_parallel_out_of_order(mixed_raw):
     assert_valid_copy("s.qcow2", mixed_raw, "raw")
 
 
+def evict_from_page_cache(path, every):
+    """Drops every other `every`-byte range of `path` from the page cache (after writing it back),
+    so that a convert finds part of its source cached and part not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        for offset in range(0, size, 2 * every):
+            os.posix_fadvise(fd, offset, every, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("options", [[], ["-c"], ["-m", "16", "-W"]])
+def test_source_partly_in_page_cache(chain, options):
+    """Source data the page cache holds is used in place, the rest is read: a qcow2 chain (data
+    in both layers, so in two files) with every other 64 KiB of each file evicted converts to the
+    same image as with qemu-img."""
+    for path in ("base.qcow2", "top.qcow2"):
+        evict_from_page_cache(path, 65536)
+    convert_both("-O", "qcow2", *options, source=chain)
+    assert_valid_copy("s.qcow2", chain, "qcow2")
+    if "-W" not in options:
+        assert map_json("s.qcow2") == map_json("q.qcow2")
+
+
 def test_existing_target(mixed_raw):
     """-n onto a qcow2 image qemu-img created (with stale data), with and without
     --target-is-zero."""
