@@ -1,6 +1,7 @@
 // `strata img amend`: qemu-img amend for qcow2 images: compat (0.10/v2, 1.1/v3, both
-// directions), lazy_refcounts; refcount_bits only when unchanged; size only when unchanged (strata
-// cannot resize qcow2 images yet). Option parsing, messages and exit codes are qemu-img's.
+// directions), lazy_refcounts, data_file (the stored name) and data_file_raw (cleared);
+// refcount_bits only when unchanged; size only when unchanged. Option parsing, messages and exit
+// codes are qemu-img's.
 
 #include <getopt.h>
 
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "block/drivers/qcow2/qcow2_node.h"
+#include "block/graph/permissions.h"
 #include "block/io/request.h"
 #include "cli/img_internal.h"
 
@@ -114,6 +116,7 @@ int amend_main(int argc, char** argv) {
   }
 
   block::qcow2::Qcow2Node::AmendOptions amend;
+  std::optional<uint64_t> new_size;
   auto items = split_options(option_texts);
   if (!items) {
     report(items.error().message());
@@ -155,15 +158,23 @@ int amend_main(int argc, char** argv) {
                      "and exabytes, respectively.\n");
         return 1;
       }
-      if ((*size + 511) / 512 * 512 != image->node->length()) {
-        report("Changing the image size is not supported by strata img amend yet");
-        return 1;
-      }
+      new_size = *size;
     } else if (name == "backing_file" || name == "backing_fmt") {
       report("Cannot amend the backing file");
       std::fprintf(stderr, "You can use 'qemu-img rebase' instead.\n");
       return 1;
-    } else if (name == "data_file" || name == "data_file_raw" || name.rfind("encrypt.", 0) == 0) {
+    } else if (name == "data_file") {
+      amend.data_file = value;
+    } else if (name == "data_file_raw") {
+      if (value.empty() || value == "on" || value == "yes" || value == "true") {
+        amend.data_file_raw = true;
+      } else if (value == "off" || value == "no" || value == "false") {
+        amend.data_file_raw = false;
+      } else {
+        report("Parameter 'data_file_raw' expects 'on' or 'off'");
+        return 1;
+      }
+    } else if (name.rfind("encrypt.", 0) == 0) {
       report("Amending '" + name + "' is not supported by strata img amend");
       return 1;
     } else if (creation_only(name)) {
@@ -176,6 +187,14 @@ int amend_main(int argc, char** argv) {
     }
   }
   Result<void> amended = image->session->loop().block_on(qcow2->amend(amend));
+  if (amended && new_size && *new_size != image->node->length()) {
+    // QEMU's qcow2_amend_options ends with an exact blk_truncate (preallocation off).
+    amended = image->session->add_perm(*image->node, block::kPermResize);
+    if (amended) {
+      amended = image->session->loop().block_on(
+          block::io::truncate(*image->node, *new_size, /*exact=*/true));
+    }
+  }
   if (amended) {
     amended = image->session->loop().block_on(block::io::flush(*image->node));
   }

@@ -77,6 +77,15 @@ aio::Task<Result<void>> Qcow2Node::amend(AmendOptions options) {
   if (refcounts_ == nullptr) {
     co_return Error(ErrorKind::kPermission, "Permission denied", EACCES);
   }
+  // QEMU's qcow2_amend_options checks these before changing anything.
+  const bool has_data_file = (header_.incompatible_features & kIncompatDataFile) != 0;
+  if (options.data_file && !has_data_file) {
+    co_return invalid("data-file can only be set for images that use an external data file");
+  }
+  const bool raw = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
+  if (options.data_file_raw.value_or(false) && !raw) {
+    co_return invalid("data-file-raw cannot be set on existing images");
+  }
   auto exclusive = co_await lock_.scoped_write_lock();
   auto meta = co_await meta_.scoped_lock();
   const uint32_t old_version = header_.version;
@@ -160,6 +169,25 @@ aio::Task<Result<void>> Qcow2Node::amend(AmendOptions options) {
       co_return written;
     }
     map_->set_version(new_version);
+  }
+  if (options.data_file || options.data_file_raw) {
+    // The data file name in its header extension and the data-file-raw autoclear bit.
+    const std::optional<std::string> old_name = image_data_file_;
+    const uint64_t old_autoclear = header_.autoclear_features;
+    if (options.data_file) {
+      image_data_file_ = options.data_file->empty() ? std::nullopt : options.data_file;
+      header_contents_.data_file = image_data_file_;
+    }
+    if (options.data_file_raw && !*options.data_file_raw) {
+      header_.autoclear_features &= ~kAutoclearDataFileRaw;
+    }
+    Result<void> written = co_await rewrite_header();
+    if (!written) {
+      image_data_file_ = old_name;
+      header_contents_.data_file = old_name;
+      header_.autoclear_features = old_autoclear;
+      co_return written;
+    }
   }
   co_return ok();
 }

@@ -73,7 +73,7 @@ class ClusterMap {
   // L2 entries per cache slice, and the slice of the L2 table at `l2_offset` holding `l2_index`.
   uint32_t slice_entries() const { return slice_entries_; }
   uint64_t slice_offset(uint64_t l2_offset, uint64_t l2_index) const {
-    return l2_offset + (l2_index - l2_index % slice_entries_) * 8;
+    return l2_offset + (l2_index - l2_index % slice_entries_) * (extended_l2_ ? 16 : 8);
   }
   L2Cache& l2_cache() { return cache_; }
   uint64_t l1_size() const { return l1_size_; }

@@ -67,6 +67,7 @@ inline constexpr uint64_t kOflagZero = 1ull << 0;
 // Extended L2: the second 64-bit word holds 32 "allocated" bits, then 32 "reads as zero" bits.
 inline constexpr uint32_t kSubclustersPerCluster = 32;
 inline constexpr uint64_t kBitmapAllAlloc = 0xffffffffull;
+inline constexpr uint64_t kBitmapAllZeroes = 0xffffffff00000000ull;
 
 inline uint16_t load_be16(const uint8_t* p) {
   return static_cast<uint16_t>((p[0] << 8) | p[1]);

@@ -110,13 +110,18 @@ std::optional<Error> refuse_encrypted_image(const std::vector<uint8_t>& cluster,
   return invalid("No secret with id '" + *options.encrypt_key_secret + "'");
 }
 
-// Opens a child given only as a local path with driver `driver` ("file", or a format over a file).
+// Opens a child given only as a local path with driver `driver` ("file", or a format over a file):
+// read-only (a backing file), or with `inherit_read_only` as the parent is opened (the external
+// data file, which guest writes go to).
 Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string& driver,
-                           const std::string& path, const std::string& child_name, uint32_t role) {
+                           const std::string& path, const std::string& child_name, uint32_t role,
+                           bool inherit_read_only = false) {
   nlohmann::json file_options = {{"driver", "file"}, {"filename", path}};
   nlohmann::json options =
       driver == "file" ? file_options : nlohmann::json{{"driver", driver}, {"file", file_options}};
-  options["read-only"] = true;
+  if (!inherit_read_only) {
+    options["read-only"] = true;
+  }
   ArgDecoder d(options);
   BlockdevRef ref;
   ref.inline_options = parse_blockdev_options(d, options);
@@ -395,7 +400,7 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
       // QEMU opens the stored name as given (relative names are relative to the working
       // directory, not to the image), and only ever as a plain local file.
       auto attached =
-          attach_path(context, *this, "file", *image_data_file_, "data-file", kRoleData);
+          attach_path(context, *this, "file", *image_data_file_, "data-file", kRoleData, true);
       if (!attached) {
         return std::move(attached).error();
       }

@@ -1,11 +1,12 @@
 #pragma once
 // The qcow2 format driver: opens every image QEMU 10 writes (versions 2 and 3, 512 B to 2 MiB
 // clusters, extended L2, compressed zlib/zstd clusters, zero clusters, external data files,
-// backing chains) and serves reads and block status. Read-write (write.cc) covers images without
-// extended L2 or an external data file; those open read-only only. Persistent dirty bitmaps
-// (bitmaps.cc) are loaded at open and stored back at close. Internal snapshots (snapshot.cc)
-// share clusters with the active L1: a cluster or L2 table without OFLAG_COPIED has refcount > 1
-// and is copied before a guest write changes it.
+// backing chains) and serves reads and block status. Writes: write.cc for plain images;
+// subcluster_write.cc and data_file.cc for images with extended L2 entries or an external data
+// file (QEMU's subcluster allocation, data clusters at their guest offset). Persistent dirty
+// bitmaps (bitmaps.cc) are loaded at open and stored back at close. Internal snapshots
+// (snapshot.cc) share clusters with the active L1: a cluster or L2 table without OFLAG_COPIED has
+// refcount > 1 and is copied before a guest write changes it.
 //
 // Writes (write.cc, write_back.cc): metadata is written back (QEMU's qcow2-cache.c model). L2
 // entries and refcounts change in the caches (dirty L2 slices, dirty refcount blocks); they reach
@@ -123,7 +124,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   Child* backing_child() const override { return child("backing"); }
   nlohmann::json format_specific_info() const override;
   std::optional<uint64_t> cluster_size() const override { return header_.cluster_size(); }
-  bool supports_compressed_writes() const override { return refcounts_ != nullptr; }
+  // QEMU refuses compressed writes with an external data file.
+  bool supports_compressed_writes() const override {
+    return refcounts_ != nullptr && data_file_ == nullptr;
+  }
   std::optional<bool> dirty_flag() const override {
     return (header_.incompatible_features & (1ull << 0)) != 0;
   }
@@ -150,6 +154,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
     std::optional<uint32_t> version;  // 2 (compat=0.10) or 3 (compat=1.1)
     std::optional<bool> lazy_refcounts;
     std::optional<uint64_t> refcount_bits;
+    // The external data file name stored in the image ("" removes it); images with a data file
+    // only.
+    std::optional<std::string> data_file;
+    // data-file-raw may be cleared; set only where it is set already (QEMU's rules).
+    std::optional<bool> data_file_raw;
   };
   aio::Task<Result<void>> amend(AmendOptions options);
 
@@ -210,6 +219,7 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
     uint64_t l2_offset = 0;
     uint64_t l2_index = 0;
     uint64_t entry = 0;
+    uint64_t bitmap = 0;  // the subcluster bitmap with extended L2 entries, else 0
   };
   // Read-write open: refuses what the writer does not support, loads the refcount table and
   // clears unknown autoclear bits. `run` executes a task to completion (open is synchronous).
@@ -252,9 +262,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   Result<void> check_usable() const;
   aio::Task<Result<void>> load_refcounts(uint64_t cache_blocks);
   aio::Task<Result<void>> clear_autoclear_bits();
-  // The autoclear bits a read-write open keeps: bitmaps while the extension is valid.
+  // The autoclear bits a read-write open keeps: bitmaps while the extension is valid, and
+  // data-file-raw (the writer keeps the raw data file consistent: data_file.cc).
   uint64_t kept_autoclear_bits() const {
-    return header_contents_.nb_bitmaps > 0 ? kAutoclearBitmaps : 0;
+    return (header_contents_.nb_bitmaps > 0 ? kAutoclearBitmaps : 0) |
+           (data_file_ != nullptr ? kAutoclearDataFileRaw : 0);
   }
   aio::Task<Result<L2Ref>> l2_ref(uint64_t guest_cluster);
   // Reads guest data without taking lock_ (the caller holds it).
@@ -287,6 +299,44 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // Discard (`zero` false) or write-zeroes of whole clusters [offset, offset + bytes).
   aio::Task<Result<void>> zero_or_discard_clusters(uint64_t offset, uint64_t bytes, bool discard,
                                                    bool unmap);
+
+  // ---- extended L2 and external data file writes (subcluster_write.cc, data_file.cc) ----
+  // Requests of images with extended L2 entries or an external data file take this path: each
+  // holds lock_ exclusively and meta_ throughout (no in-flight allocations).
+  bool uses_general_write_path() const { return header_.extended_l2() || data_file_ != nullptr; }
+  // QEMU's QCow2ClusterType.
+  enum class ClusterKind { kUnallocated, kNormal, kCompressed, kZeroPlain, kZeroAlloc };
+  ClusterKind cluster_kind(uint64_t entry) const;
+  // QEMU's qcow2_get_subcluster_type of subcluster `sc` (0 without extended L2).
+  SubclusterType subcluster_kind(uint64_t entry, uint64_t bitmap, uint32_t sc) const;
+  // Guest write: per cluster, in place where the subclusters are allocated, else the COW region
+  // QEMU's calculate_l2_meta computes, written with the data before the L2 entry (and bitmap)
+  // publishes it.
+  aio::Task<Result<void>> write_general(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                        uint32_t flags);
+  aio::Task<Result<void>> write_one_cluster(uint64_t offset, uint64_t bytes, IoVector data);
+  // QEMU's qcow2_subcluster_zeroize (subcluster-aligned; ENOTSUP otherwise, so the request layer
+  // writes zero buffers).
+  aio::Task<Result<void>> zeroize_general(uint64_t offset, uint64_t bytes, uint32_t flags);
+  aio::Task<Result<void>> zero_whole_cluster(const L2Ref& ref, uint32_t flags);
+  // QEMU's qcow2_cluster_discard(QCOW2_DISCARD_REQUEST, full_discard=false); whole clusters.
+  aio::Task<Result<void>> discard_general(uint64_t offset, uint64_t bytes);
+  // Sets the L2 entry (and with extended L2 the bitmap) `ref` describes, in the L2 cache.
+  aio::Task<Result<void>> set_l2_entry_and_bitmap(const L2Ref& ref, uint64_t entry,
+                                                  uint64_t bitmap);
+  // QEMU's qcow2_free_any_cluster for an entry the caller has replaced in the L2 cache: with an
+  // external data file the data cluster is not refcounted and is only discarded there (when
+  // `pass_discard` and the entry had a host cluster); otherwise release_entry.
+  aio::Task<Result<void>> release_data_cluster(uint64_t entry, bool pass_discard);
+  // After a resize from `old_size` (resize_unlocked done, lock_ and meta_ held): QEMU's
+  // qcow2_co_truncate for an external data file, which is resized too (`exact` passed on); with
+  // data-file-raw the new clusters get their L2 entries at once (metadata preallocation), so
+  // the data file keeps reading as the guest disk.
+  aio::Task<Result<void>> resize_data_file(uint64_t old_size, uint64_t new_size, bool exact);
+  // The image has an external data file that is a valid raw image (autoclear bit data-file-raw).
+  bool data_file_raw() const {
+    return data_file_ != nullptr && (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
+  }
 
   // ---- bitmaps (bitmaps.cc) ----
   // Reads and checks the bitmap directory the header names (empty without bitmaps).

@@ -89,7 +89,7 @@ aio::Task<Result<void>> Qcow2Node::grow_l1_table(uint64_t min_size, bool exact_s
   co_return ok();
 }
 
-aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t new_size, bool) {
+aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t new_size, bool exact) {
   if (refcounts_ == nullptr) {
     co_return Error::from_errno(EACCES, "qcow2: the image is opened read-only");
   }
@@ -102,7 +102,11 @@ aio::Task<Result<void>> Qcow2Node::co_truncate(uint64_t new_size, bool) {
   }
   auto exclusive = co_await lock_.scoped_write_lock();
   auto meta = co_await meta_.scoped_lock();
+  const uint64_t old_size = length();
   Result<void> resized = co_await resize_unlocked(new_size);
+  if (resized && data_file_ != nullptr) {
+    resized = co_await resize_data_file(old_size, new_size, exact);  // data_file.cc
+  }
   co_return resized;
 }
 

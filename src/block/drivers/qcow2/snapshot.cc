@@ -137,7 +137,12 @@ aio::Task<Result<void>> Qcow2Node::update_snapshot_refcount(uint64_t l1_offset, 
       if (!slice) {
         co_return std::move(slice).error();
       }
-      std::vector<uint64_t> entries(**slice);
+      // The entries of the slice (with extended L2, every other word is a subcluster bitmap).
+      const uint32_t stride = header_.extended_l2() ? 2 : 1;
+      std::vector<uint64_t> entries((*slice)->size() / stride);
+      for (size_t w = 0; w < entries.size(); ++w) {
+        entries[w] = (**slice)[w * stride];
+      }
       uint64_t changed_begin = entries.size();
       uint64_t changed_end = 0;
       for (uint64_t j = 0; j < entries.size(); ++j) {

@@ -40,13 +40,6 @@ Error corruption(const std::string& what) {
   return Error(ErrorKind::kCorrupt, "qcow2: Image is corrupt: " + what, EIO);
 }
 
-Error read_only_only(const std::string& what) {
-  return Error(ErrorKind::kUnsupported,
-               "qcow2 images " + what +
-                   " can only be opened read-only in this version of strata (set read-only=on)",
-               ENOTSUP);
-}
-
 // Allocated host cluster with refcount 1: guest writes may go there directly.
 bool writable_in_place(uint64_t entry) {
   return (entry & kOflagCopied) != 0 && (entry & (kOflagCompressed | kOflagZero)) == 0 &&
@@ -77,12 +70,6 @@ Result<void> Qcow2Node::prepare_writes(
     return Error(ErrorKind::kPermission, "qcow2: Image is corrupt; cannot be opened read/write",
                  EACCES);
   }
-  if (header_.extended_l2()) {
-    return read_only_only("with extended L2 entries");
-  }
-  if (header_.incompatible_features & kIncompatDataFile) {
-    return read_only_only("with an external data file");
-  }
   const uint64_t table_bytes = uint64_t{header_.refcount_table_clusters} << header_.cluster_bits;
   Result<void> valid =
       validate_table(header_.refcount_table_offset, table_bytes / 8, 8, kMaxRefcountTableBytes,
@@ -102,8 +89,8 @@ Result<void> Qcow2Node::prepare_writes(
   }
   if (header_.version >= 3 && (header_.autoclear_features & ~kept_autoclear_bits()) != 0) {
     // qcow2.rst: autoclear bits a writer does not understand must be cleared before writing.
-    // strata keeps the bitmaps bit of a valid bitmaps extension (bitmaps.cc maintains it);
-    // data-file-raw was refused above.
+    // strata keeps the bitmaps bit of a valid bitmaps extension (bitmaps.cc maintains it) and
+    // data-file-raw (data_file.cc).
     Result<void> cleared = run(clear_autoclear_bits());
     if (!cleared) {
       return cleared;
@@ -171,7 +158,10 @@ aio::Task<Result<Qcow2Node::L2Ref>> Qcow2Node::l2_ref(uint64_t guest_cluster) {
   if (!slice) {
     co_return std::move(slice).error();
   }
-  ref.entry = (**slice)[ref.l2_index % map_->slice_entries()];
+  const uint32_t stride = header_.extended_l2() ? 2 : 1;
+  const uint64_t word = (ref.l2_index % map_->slice_entries()) * stride;
+  ref.entry = (**slice)[word];
+  ref.bitmap = stride == 2 ? (**slice)[word + 1] : 0;
   const uint64_t host = ref.entry & kL2OffsetMask;
   if ((ref.entry & kOflagCompressed) == 0 && (host & (header_.cluster_size() - 1)) != 0) {
     co_return corruption("Cluster allocation offset " + hex(host) + " unaligned (L2 offset: " +
@@ -201,6 +191,9 @@ aio::Task<Result<void>> Qcow2Node::co_pwritev(uint64_t offset, uint64_t bytes, I
   }
   if (flags & kRequestWriteCompressed) {
     co_return co_await write_compressed(offset, bytes, std::move(qiov));
+  }
+  if (uses_general_write_path()) {
+    co_return co_await write_general(offset, bytes, std::move(qiov), flags);  // subcluster_write.cc
   }
   uint64_t done = 0;
   {
@@ -563,11 +556,19 @@ aio::Task<Result<void>> Qcow2Node::ensure_file_covers(uint64_t end) {
 
 aio::Task<Result<void>> Qcow2Node::write_l2_entries(uint64_t l2_offset, uint64_t l2_index,
                                                     const std::vector<uint64_t>& entries) {
+  // With extended L2 the bitmap is kept, except for entries that become unallocated or
+  // compressed: their bitmap must be 0.
+  const uint32_t stride = header_.extended_l2() ? 2 : 1;
   for (size_t i = 0; i < entries.size(); ++i) {
     const uint64_t index = l2_index + i;
-    Result<void> set = co_await map_->l2_cache().set_entry(
-        file(), map_->slice_offset(l2_offset, index),
-        static_cast<uint32_t>(index % map_->slice_entries()), entries[i]);
+    const uint64_t slice_offset = map_->slice_offset(l2_offset, index);
+    const auto word = static_cast<uint32_t>(index % map_->slice_entries() * stride);
+    Result<void> set = co_await map_->l2_cache().set_entry(file(), slice_offset, word, entries[i]);
+    if (set && stride == 2 &&
+        ((entries[i] & kOflagCompressed) != 0 ||
+         cluster_kind(entries[i]) == ClusterKind::kUnallocated)) {
+      set = co_await map_->l2_cache().set_entry(file(), slice_offset, word + 1, 0);
+    }
     if (!set) {
       co_return set;
     }
@@ -596,6 +597,9 @@ bool Qcow2Node::needs_release(uint64_t entry) {
 }
 
 aio::Task<Result<void>> Qcow2Node::release_entry(uint64_t entry) {
+  if (data_file_ != nullptr) {
+    co_return ok();  // data clusters of an external data file are not refcounted (data_file.cc)
+  }
   Result<void> ordered = co_await refcounts_depend_on_l2();
   if (!ordered) {
     co_return ordered;
@@ -640,6 +644,9 @@ aio::Task<Result<void>> Qcow2Node::co_pwrite_zeroes(uint64_t offset, uint64_t by
   if (!usable) {
     co_return usable;
   }
+  if (uses_general_write_path() && refcounts_ != nullptr) {
+    co_return co_await zeroize_general(offset, bytes, flags);  // subcluster_write.cc
+  }
   // Zero flags exist from version 3 on; partial clusters are left to the request layer, which
   // writes zero buffers when the driver says ENOTSUP.
   const uint64_t mask = header_.cluster_size() - 1;
@@ -670,6 +677,9 @@ aio::Task<Result<void>> Qcow2Node::co_pdiscard(uint64_t offset, uint64_t bytes) 
     co_return usable;
   }
   const uint64_t mask = header_.cluster_size() - 1;
+  if (uses_general_write_path() && refcounts_ != nullptr) {
+    co_return co_await discard_general(offset, bytes);  // subcluster_write.cc
+  }
   const bool whole_clusters =
       (offset & mask) == 0 && ((bytes & mask) == 0 || offset + bytes == length());
   if (!whole_clusters || refcounts_ == nullptr) {
