@@ -23,10 +23,12 @@
 namespace strata::nbd {
 
 class ServerConnection;
+struct ServerTls;
 
 struct ServerConfig {
-  uint32_t max_connections = 100;       // 0: unlimited
-  uint32_t handshake_max_seconds = 10;  // 0: no limit
+  uint32_t max_connections = 100;        // 0: unlimited
+  uint32_t handshake_max_seconds = 10;   // 0: no limit
+  std::shared_ptr<const ServerTls> tls;  // set: every client must STARTTLS first
 };
 
 class Server final : public ExportDirectory {
