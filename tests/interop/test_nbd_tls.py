@@ -395,3 +395,46 @@ def test_creds_deleted_while_server_runs(daemon, pki):
     assert r.returncode == 0, r.stderr
     d.qmp.ok("nbd-server-stop")
     assert d.qmp.err("object-del", {"id": "tls0"})["desc"] == "object 'tls0' not found"
+
+
+def test_stalled_tls_handshake_blocks_nobody_and_is_dropped(daemon, pki):
+    objects = ["tls-creds-x509,id=tls0,dir=%s,endpoint=server" % pki["server"]]
+    d, sock = start(daemon, objects, {"tls-creds": "tls0", "handshake-max-seconds": 2})
+    stalled = RawNBD(sock, timeout=30)
+    try:
+        stalled.greeting()
+        assert stalled.option(nbd_raw.OPT_STARTTLS) == [(nbd_raw.REP_ACK, b"")]
+        # Half a TLS record header, then silence: the server waits inside the TLS handshake.
+        stalled.send(b"\x16\x03")
+        r = nbdinfo(tls_uri(sock, pki["client"]))
+        assert r.returncode == 0, r.stderr
+        assert d.qmp.ok("query-block-exports") is not None
+        assert stalled.is_closed(timeout=30)
+    finally:
+        stalled.close()
+
+
+def test_sanity_check_refuses_unfit_server_certificate(daemon, pki, workdir):
+    # certtool gives ECDSA keys no key-encipherment usage; QEMU's sanity check refuses such a
+    # server certificate unless sanity-check=off.
+    bad = os.path.join(workdir, "ecdsa")
+    os.makedirs(bad)
+    shutil.copy(os.path.join(pki["server"], "ca-cert.pem"), bad)
+    info = os.path.join(workdir, "ecdsa.info")
+    with open(info, "w") as f:
+        f.write("cn = localhost\ntls_www_server\nencryption_key\nsigning_key\n"
+                "expiration_days = 2\n")
+    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile",
+             os.path.join(bad, "server-key.pem"))
+    ca_key = os.path.join(os.path.dirname(pki["server"]), "tmp", "ca-key.pem")
+    certtool("--generate-certificate", "--load-ca-certificate",
+             os.path.join(bad, "ca-cert.pem"), "--load-ca-privkey", ca_key,
+             "--load-privkey", os.path.join(bad, "server-key.pem"), "--template", info,
+             "--outfile", os.path.join(bad, "server-cert.pem"))
+    d = daemon()
+    cert = os.path.join(bad, "server-cert.pem")
+    assert d.qmp.err("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "dir": bad,
+                                    "endpoint": "server"})["desc"] \
+        == "Certificate %s usage does not permit key encipherment" % cert
+    d.qmp.ok("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "dir": bad,
+                            "endpoint": "server", "sanity-check": False})
