@@ -58,9 +58,13 @@ nlohmann::json Daemon::version_info() {
 
 Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
   ArgDecoder d(options, "", keyval);
-  static constexpr std::array<std::string_view, 1> kTypes = {"iothread"};
+  static constexpr std::array<std::string_view, 5> kTypes = {
+      "iothread", "tls-creds-x509", "tls-creds-psk", "authz-simple", "authz-list"};
   std::string type = d.enumeration("qom-type", kTypes);
   std::string id = d.str("id");
+  if (crypto::ObjectTable::handles(type)) {
+    return add_crypto_object(type, id, d);
+  }
   // iothread properties are accepted; strata's loops need no polling or batch tuning.
   (void)d.opt_i64("poll-max-ns");
   (void)d.opt_i64("poll-grow");
@@ -72,7 +76,7 @@ Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
   if (!decoded) {
     return decoded;
   }
-  if (iothreads_.count(id) != 0) {
+  if (iothreads_.count(id) != 0 || crypto_objects_.contains(id)) {
     return make_error(ErrorKind::kExists, "attempt to add duplicate property '" + id +
                                               "' to object (type 'container')");
   }
@@ -85,6 +89,9 @@ Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
 }
 
 Result<void> Daemon::object_del(const std::string& id) {
+  if (crypto_objects_.remove(id)) {
+    return ok();  // users that resolved it (a running NBD server) keep their reference
+  }
   auto it = iothreads_.find(id);
   if (it == iothreads_.end()) {
     return make_error(ErrorKind::kNotFound, "object '" + id + "' not found");

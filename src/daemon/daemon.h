@@ -14,6 +14,7 @@
 #include "base/result.h"
 #include "block/graph/graph.h"
 #include "block/job/job.h"
+#include "crypto/object_table.h"
 #include "qmp/command_table.h"
 #include "qmp/monitor.h"
 
@@ -52,6 +53,8 @@ class Daemon {
   // Block exports and the NBD server (daemon/exports.h).
   ExportManager& exports() { return *exports_; }
   bool has_iothread(const std::string& id) const { return iothreads_.count(id) != 0; }
+  // tls-creds-x509/-psk and authz-simple/-list objects (daemon/crypto_objects.cc).
+  const crypto::ObjectTable& crypto_objects() const { return crypto_objects_; }
 
   // blockdev-add from QMP arguments or a --blockdev option (keyval: scalars are strings).
   Result<void> blockdev_add(const nlohmann::json& options, bool keyval);
@@ -69,6 +72,7 @@ class Daemon {
 
  private:
   void register_commands();
+  Result<void> add_crypto_object(const std::string& qom_type, const std::string& id, ArgDecoder& d);
   void register_block_commands();
   void register_job_commands();
 
@@ -79,6 +83,7 @@ class Daemon {
   // After graph_ and monitors_: jobs use nodes and report to monitors until they are destroyed.
   block::job::JobManager jobs_;
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
+  crypto::ObjectTable crypto_objects_;
   // After graph_ and monitors_: exports hold root edges and emit events.
   std::unique_ptr<ExportManager> exports_;
   bool stop_requested_ = false;

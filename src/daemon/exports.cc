@@ -108,13 +108,15 @@ Result<void> ExportManager::start_server(const nlohmann::json& args, bool keyval
   if (server_) {
     return generic("NBD server already running");
   }
+  std::shared_ptr<const nbd::ServerTls> tls;
   if (tls_creds) {
-    // strata has no TLS credential objects yet, so no id can name one.
-    return generic("No TLS credentials with id '" + *tls_creds + "'");
+    auto resolved = server_tls(*tls_creds, tls_authz);
+    if (!resolved) {
+      return std::move(resolved).error();
+    }
+    tls = std::move(resolved).value();
   }
-  if (tls_authz) {
-    return generic("'tls-authz' is only supported with 'tls-creds'");
-  }
+  // Without tls-creds, qemu-storage-daemon accepts tls-authz and ignores it.
   if (address.type == "fd") {
     return generic("only QEMU supports file descriptor passing");
   }
@@ -124,6 +126,7 @@ Result<void> ExportManager::start_server(const nlohmann::json& args, bool keyval
   nbd::ServerConfig config;
   config.max_connections = max_connections.value_or(100);
   config.handshake_max_seconds = handshake_max_seconds.value_or(10);
+  config.tls = std::move(tls);
   return start_server_on({address}, config, nullptr);
 }
 

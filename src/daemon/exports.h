@@ -9,6 +9,7 @@
 // exports and QMP keep running meanwhile.
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,9 @@ class ExportManager {
 
  private:
   aio::Task<void> remove(std::shared_ptr<nbd::Export> exp);
+  // The server's TLS from nbd-server-start's tls-creds / tls-authz ids (daemon/exports_tls.cc).
+  Result<std::shared_ptr<const nbd::ServerTls>> server_tls(
+      const std::string& creds_id, const std::optional<std::string>& authz_id) const;
 
   Daemon& daemon_;
   std::unique_ptr<nbd::Server> server_;

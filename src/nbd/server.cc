@@ -147,6 +147,7 @@ aio::Task<void> Server::serve_client(int fd) {
   {
     SocketTransport transport(loop_, fd);
     ServerConnection connection(transport, *this);
+    connection.set_tls(config_.tls.get());
     clients_.push_back(&connection);
     {
       aio::TaskGroup timer;  // destroyed (sleep cancelled) before the connection

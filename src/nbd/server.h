@@ -24,6 +24,7 @@
 namespace strata::nbd {
 
 class ServerConnection;
+struct ServerTls;
 
 struct ServerConfig {
   uint32_t max_connections = 100;       // 0: unlimited
@@ -32,6 +33,7 @@ struct ServerConfig {
   // whether it reached transmission (selected an export), `remaining` how many clients are still
   // connected. `strata nbd` uses it to exit after the last client, as qemu-nbd does.
   std::function<void(bool negotiated, size_t remaining)> on_client_closed;
+  std::shared_ptr<const ServerTls> tls;  // set: every client must STARTTLS first
 };
 
 class Server final : public ExportDirectory {

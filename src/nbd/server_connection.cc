@@ -21,7 +21,7 @@ size_t ServerConnection::MetaContexts::count() const {
 }
 
 ServerConnection::ServerConnection(Transport& transport, const ExportDirectory& exports)
-    : transport_(transport), exports_(exports) {}
+    : base_transport_(transport), channel_(transport), transport_(channel_), exports_(exports) {}
 
 ServerConnection::~ServerConnection() {
   if (registered_) {

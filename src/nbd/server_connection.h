@@ -5,7 +5,8 @@
 //
 // Handshake: fixed newstyle; EXPORT_NAME, GO, INFO (export, name, description, block size),
 // LIST, ABORT, STRUCTURED_REPLY, EXTENDED_HEADERS, LIST_/SET_META_CONTEXT (base:allocation,
-// qemu:allocation-depth, qemu:dirty-bitmap:NAME). STARTTLS is refused (TLS not configured).
+// qemu:allocation-depth, qemu:dirty-bitmap:NAME), STARTTLS (server_starttls.cc; refused with
+// NBD_REP_ERR_POLICY "TLS not configured" unless set_tls() was called).
 // Transmission: READ (sparse structured replies), WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE,
 // BLOCK_STATUS, DISC. Requests are read in order and served concurrently; replies go out as each
 // request finishes, one reply at a time on the wire.
@@ -24,11 +25,18 @@
 #include "aio/sync.h"
 #include "aio/task.h"
 #include "aio/task_group.h"
+#include "crypto/tls_session.h"
 #include "nbd/buffer_pool.h"
 #include "nbd/export.h"
 #include "nbd/transport.h"
 
 namespace strata::nbd {
+
+// TLS for a server (nbd-server-start tls-creds / tls-authz). `authorize` may be empty.
+struct ServerTls {
+  std::shared_ptr<const crypto::TlsCreds> creds;
+  crypto::TlsSession::Authorizer authorize;
+};
 
 class ServerConnection final : public Closable {
  public:
@@ -50,6 +58,9 @@ class ServerConnection final : public Closable {
   void close() override;
   // The handshake is over and an export was selected.
   bool in_transmission() const { return export_ != nullptr; }
+  // Requires TLS (the spec's forced TLS): before STARTTLS only STARTTLS and ABORT are served.
+  // Call before run(); `tls` must outlive the connection.
+  void set_tls(const ServerTls* tls) { tls_ = tls; }
 
  private:
   enum class Mode { kSimple, kStructured, kExtended };
@@ -65,6 +76,9 @@ class ServerConnection final : public Closable {
 
   aio::Task<bool> negotiate();
   aio::Task<OptionResult> handle_option(uint32_t option, uint32_t length);
+  // Forced TLS before STARTTLS (server_starttls.cc).
+  aio::Task<OptionResult> handle_option_before_tls(uint32_t option, uint32_t length);
+  aio::Task<OptionResult> start_tls();
   aio::Task<OptionResult> handle_export_name(const std::string& payload);
   aio::Task<OptionResult> handle_info(uint32_t option, const std::string& payload);
   aio::Task<OptionResult> handle_meta_context(uint32_t option, const std::string& payload);
@@ -88,7 +102,28 @@ class ServerConnection final : public Closable {
   aio::Task<void> send_error(const Request& request, uint32_t error, const std::string& message);
   aio::Task<void> send_result(const Request& request, const Result<void>& result);
 
-  Transport& transport_;
+  // The transport the protocol runs over: the caller's, then the TLS one after STARTTLS.
+  class CurrentTransport final : public Transport {
+   public:
+    explicit CurrentTransport(Transport& base) : current_(&base) {}
+    aio::Task<bool> read_exact(void* buffer, size_t length) override {
+      return current_->read_exact(buffer, length);
+    }
+    aio::Task<bool> write_all(std::span<const iovec> iov) override {
+      return current_->write_all(iov);
+    }
+    void shutdown() override { current_->shutdown(); }
+    void replace(Transport& next) { current_ = &next; }
+
+   private:
+    Transport* current_;
+  };
+
+  Transport& base_transport_;
+  std::unique_ptr<Transport> tls_transport_;  // after STARTTLS
+  CurrentTransport channel_;
+  Transport& transport_;  // channel_
+  const ServerTls* tls_ = nullptr;
   const ExportDirectory& exports_;
   Mode mode_ = Mode::kSimple;
   bool fixed_newstyle_ = false;

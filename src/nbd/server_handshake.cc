@@ -56,7 +56,9 @@ aio::Task<bool> ServerConnection::negotiate() {
     if (!fixed_newstyle_ && option != kOptExportName) {
       co_return false;
     }
-    OptionResult result = co_await handle_option(option, length);
+    OptionResult result = tls_ != nullptr && !tls_transport_
+                              ? co_await handle_option_before_tls(option, length)
+                              : co_await handle_option(option, length);
     if (result == OptionResult::kClose) {
       co_return false;
     }
@@ -145,6 +147,10 @@ aio::Task<ServerConnection::OptionResult> ServerConnection::handle_option(uint32
     case kOptStartTls:
       if (length != 0) {
         co_return reply_ok(co_await send_option_error(option, kRepErrInvalid, unexpected_length()));
+      }
+      if (tls_ != nullptr) {
+        co_return reply_ok(
+            co_await send_option_error(option, kRepErrInvalid, "TLS already enabled"));
       }
       co_return reply_ok(co_await send_option_error(option, kRepErrPolicy, "TLS not configured"));
     case kOptInfo:

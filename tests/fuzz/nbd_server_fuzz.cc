@@ -1,6 +1,9 @@
 // Feeds arbitrary bytes to the NBD server's handshake and transmission state machine as one
 // client's byte stream (an in-memory transport; no sockets). Two exports of a 1 MiB in-memory
 // node: "e" writable with qemu:allocation-depth and a bitmap context name, "ro" read-only.
+// Each input runs twice: once on a plain server, once on a server that requires TLS (PSK
+// credentials), where the bytes meet the forced-TLS option rules and, after STARTTLS, GnuTLS's
+// handshake through the TLS transport.
 // Expected: the connection ends (end of input, protocol error or DISC) without a crash, a
 // sanitizer report, a hang or an allocation beyond the server's per-connection limits.
 
@@ -8,12 +11,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "aio/event_loop.h"
 #include "block/graph/graph.h"
+#include "crypto/tls_creds.h"
 #include "nbd/export.h"
 #include "nbd/server_connection.h"
 #include "nbd/transport.h"
@@ -61,6 +69,24 @@ class Directory final : public nbd::ExportDirectory {
   std::vector<std::shared_ptr<nbd::Export>> exports;
 };
 
+// PSK server credentials from a keys.psk written once to a temporary directory.
+std::shared_ptr<const nbd::ServerTls> make_tls() {
+  namespace fs = std::filesystem;
+  fs::path dir = fs::temp_directory_path() / ("strata-nbd-fuzz-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "keys.psk") << "qemu:0123456789abcdef0123456789abcdef\n";
+  crypto::TlsCredsPskOptions options;
+  options.dir = dir.string();
+  options.endpoint = crypto::TlsEndpoint::kServer;
+  auto creds = crypto::load_psk_creds(options);
+  if (!creds) {
+    return nullptr;
+  }
+  auto tls = std::make_shared<nbd::ServerTls>();
+  tls->creds = std::move(creds).value();
+  return tls;
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -92,10 +118,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   read_only.name = "ro";
   directory.exports.push_back(std::make_shared<nbd::Export>("ro", read_only, memory));
 
-  nbd::MemoryTransport transport(std::string(reinterpret_cast<const char*>(data), size));
-  transport.set_output_limit(1u << 20);
-  {
+  static std::shared_ptr<const nbd::ServerTls> tls = make_tls();
+  for (const nbd::ServerTls* mode : {static_cast<const nbd::ServerTls*>(nullptr), tls.get()}) {
+    nbd::MemoryTransport transport(std::string(reinterpret_cast<const char*>(data), size));
+    transport.set_output_limit(1u << 20);
     nbd::ServerConnection connection(transport, directory);
+    connection.set_tls(mode);
     loop->block_on(connection.run());
   }
   return 0;
