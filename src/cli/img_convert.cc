@@ -708,7 +708,9 @@ int convert_main(int argc, char** argv) {
   uint64_t request_sectors =
       std::max<uint64_t>(1, state.target->limits().request_alignment / kSectorSize);
   state.alignment = std::max(pow2floor(std::max<uint64_t>(state.min_sparse, 1)), request_sectors);
-  if (MappedSource::graph_allows(*state.source)) {
+  // With -U another process may be writing the source, and a mapping of a file that shrinks
+  // under it faults (SIGBUS) where a read only comes back short: read through the block layer.
+  if (!source.force_share && MappedSource::graph_allows(*state.source)) {
     state.mapped_source = std::make_unique<MappedSource>();
   }
   print_progress(state, true);
