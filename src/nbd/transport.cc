@@ -28,6 +28,33 @@ SocketTransport::SocketTransport(aio::EventLoop& loop, int fd)
 
 aio::Task<bool> SocketTransport::read_exact(void* buffer, size_t length) {
   char* out = static_cast<char*>(buffer);
+  if (io_loop_ == nullptr) {
+    co_return co_await read_on(loop_, out, length);
+  }
+  if (end_ - begin_ >= length && !shut_down_) {
+    std::memcpy(out, buffer_.get() + begin_, length);
+    begin_ += length;
+    co_return true;
+  }
+  aio::EventLoop* io_loop = io_loop_;
+  co_await io_loop->hop();
+  bool got = co_await read_on(*io_loop, out, length);
+  co_await loop_.hop();
+  co_return got;
+}
+
+aio::Task<bool> SocketTransport::write_all(std::span<const iovec> iov) {
+  if (io_loop_ == nullptr) {
+    co_return co_await write_on(loop_, iov);
+  }
+  aio::EventLoop* io_loop = io_loop_;
+  co_await io_loop->hop();
+  bool sent = co_await write_on(*io_loop, iov);
+  co_await loop_.hop();
+  co_return sent;
+}
+
+aio::Task<bool> SocketTransport::read_on(aio::EventLoop& loop, char* out, size_t length) {
   while (length > 0) {
     if (shut_down_) {
       co_return false;
@@ -42,14 +69,14 @@ aio::Task<bool> SocketTransport::read_exact(void* buffer, size_t length) {
     }
     int n;
     if (length >= kBufferSize) {
-      n = co_await loop_.recv(fd_, out, static_cast<uint32_t>(std::min<size_t>(length, 1u << 30)));
+      n = co_await loop.recv(fd_, out, static_cast<uint32_t>(std::min<size_t>(length, 1u << 30)));
       if (n > 0) {
         out += n;
         length -= static_cast<size_t>(n);
         continue;
       }
     } else {
-      n = co_await loop_.recv(fd_, buffer_.get(), kBufferSize);
+      n = co_await loop.recv(fd_, buffer_.get(), kBufferSize);
       if (n > 0) {
         begin_ = 0;
         end_ = static_cast<size_t>(n);
@@ -64,7 +91,7 @@ aio::Task<bool> SocketTransport::read_exact(void* buffer, size_t length) {
   co_return true;
 }
 
-aio::Task<bool> SocketTransport::write_all(std::span<const iovec> iov) {
+aio::Task<bool> SocketTransport::write_on(aio::EventLoop& loop, std::span<const iovec> iov) {
   std::vector<iovec> rest(iov.begin(), iov.end());
   size_t index = 0;
   // Fast path: a non-blocking send usually takes the whole reply at once, without a trip
@@ -98,7 +125,7 @@ aio::Task<bool> SocketTransport::write_all(std::span<const iovec> iov) {
       continue;
     }
     unsigned count = static_cast<unsigned>(std::min<size_t>(rest.size() - index, 1024));
-    int n = co_await loop_.sendmsg_iov(fd_, rest.data() + index, count);
+    int n = co_await loop.sendmsg_iov(fd_, rest.data() + index, count);
     if (n == -EINTR || n == -EAGAIN) {
       continue;
     }
@@ -120,8 +147,7 @@ aio::Task<bool> SocketTransport::write_all(std::span<const iovec> iov) {
 }
 
 void SocketTransport::shutdown() {
-  if (!shut_down_) {
-    shut_down_ = true;
+  if (!shut_down_.exchange(true)) {
     ::shutdown(fd_, SHUT_RDWR);
   }
 }
