@@ -55,9 +55,12 @@ class SocketTransport final : public Transport {
 
  private:
   static constexpr size_t kBufferSize = 64 * 1024;
-  // The socket operations themselves, on `loop` (the current one).
+  // The socket operations themselves, on `loop` (the current one). read_on: see read_exact.
   aio::Task<bool> read_on(aio::EventLoop& loop, char* out, size_t length);
-  aio::Task<bool> write_on(aio::EventLoop& loop, std::span<const iovec> iov);
+  // Sends `iov` past its first `already_sent` bytes, on `loop` (the current one).
+  aio::Task<bool> write_on(aio::EventLoop& loop, std::span<const iovec> iov, size_t already_sent);
+  // One non-blocking sendmsg of `iov`: bytes sent (0 when the socket is full), -1 on error.
+  ssize_t try_send(std::span<const iovec> iov);
 
   aio::EventLoop& loop_;
   aio::EventLoop* io_loop_ = nullptr;
