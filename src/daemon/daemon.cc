@@ -96,6 +96,11 @@ Result<void> Daemon::object_del(const std::string& id) {
   if (it == iothreads_.end()) {
     return make_error(ErrorKind::kNotFound, "object '" + id + "' not found");
   }
+  if (exports_->uses_loop(it->second->loop())) {
+    // As in QEMU, deleting an iothread an export runs on succeeds; the thread lives on (and the
+    // id is free again) until the daemon exits.
+    retired_iothreads_.push_back(std::move(it->second));
+  }
   iothreads_.erase(it);
   return ok();
 }
@@ -178,6 +183,7 @@ void Daemon::run() {
     co_await self.monitors_.shutdown();
   }(*this));
   iothreads_.clear();
+  retired_iothreads_.clear();
 }
 
 }  // namespace strata::daemon

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -55,6 +56,11 @@ class Daemon {
   bool has_iothread(const std::string& id) const { return iothreads_.count(id) != 0; }
   // tls-creds-x509/-psk and authz-simple/-list objects (daemon/crypto_objects.cc).
   const crypto::ObjectTable& crypto_objects() const { return crypto_objects_; }
+  // The event loop of iothread `id`, or nullptr.
+  aio::EventLoop* iothread_loop(const std::string& id) const {
+    auto it = iothreads_.find(id);
+    return it == iothreads_.end() ? nullptr : &it->second->loop();
+  }
 
   // blockdev-add from QMP arguments or a --blockdev option (keyval: scalars are strings).
   Result<void> blockdev_add(const nlohmann::json& options, bool keyval);
@@ -84,6 +90,8 @@ class Daemon {
   block::job::JobManager jobs_;
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
   crypto::ObjectTable crypto_objects_;
+  // Deleted by object-del while an export still used them; stopped when the daemon exits.
+  std::vector<std::unique_ptr<IoThread>> retired_iothreads_;
   // After graph_ and monitors_: exports hold root edges and emit events.
   std::unique_ptr<ExportManager> exports_;
   bool stop_requested_ = false;

@@ -1,5 +1,6 @@
 #include "daemon/exports.h"
 
+#include <algorithm>
 #include <array>
 #include <cctype>
 
@@ -198,6 +199,7 @@ Result<void> ExportManager::add_export(const nlohmann::json& args, bool keyval) 
   ArgDecoder d(args, "", keyval);
   std::string type = d.enumeration("type", kTypes);
   std::string id = d.str("id");
+  // fixed-iothread: strata never moves an export off its iothread, so both values behave alike.
   (void)d.opt_bool("fixed-iothread");
   std::optional<std::string> iothread = d.opt_str("iothread");
   std::string node_name = d.str("node-name");
@@ -279,6 +281,7 @@ Result<void> ExportManager::add_export(const nlohmann::json& args, bool keyval) 
   config.writable = writable;
   config.writethrough = writethrough;
   config.multi_conn = server_->config().max_connections != 1;
+  config.io_loop = iothread ? daemon_.iothread_loop(*iothread) : nullptr;
   auto exp = std::make_shared<nbd::Export>(id, std::move(config), node->shared_from_this());
   uint64_t perm = block::kPermConsistentRead | (writable ? uint64_t{block::kPermWrite} : 0u);
   auto root = daemon_.graph().attach_root(*exp, node->shared_from_this(), "root", block::kRoleImage,
@@ -314,6 +317,11 @@ aio::Task<Result<void>> ExportManager::delete_export(const std::string& id, bool
   }
   co_await remove(exp);
   co_return ok();
+}
+
+bool ExportManager::uses_loop(const aio::EventLoop& loop) const {
+  return std::any_of(exports_.begin(), exports_.end(),
+                     [&](const auto& exp) { return exp->config().io_loop == &loop; });
 }
 
 nlohmann::json ExportManager::query() const {

@@ -53,6 +53,8 @@ class ExportManager {
   // block-export-del.
   aio::Task<Result<void>> delete_export(const std::string& id, bool hard);
   nlohmann::json query() const;
+  // Whether an export runs its connections on `loop` (an iothread in use cannot be deleted).
+  bool uses_loop(const aio::EventLoop& loop) const;
   // Daemon shutdown: like nbd-server-stop when a server runs.
   aio::Task<void> shutdown();
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "aio/event_loop.h"
 #include "aio/sync.h"
 #include "aio/task.h"
 #include "block/graph/node.h"
@@ -30,6 +31,10 @@ struct ExportConfig {
   // so the list is empty in practice; the negotiation plumbing handles any length.
   std::vector<std::string> bitmaps;
   bool multi_conn = true;  // advertise NBD_FLAG_CAN_MULTI_CONN
+  // The export's iothread loop (block-export-add `iothread`), or nullptr. Connections that select
+  // the export do their socket receives and sends there; the protocol state and every call into
+  // the block layer stay on the node's home loop. The loop must outlive the export.
+  aio::EventLoop* io_loop = nullptr;
 };
 
 // Something that can be told to close (a client connection).

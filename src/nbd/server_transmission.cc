@@ -20,6 +20,7 @@ aio::Task<void> ServerConnection::transmission() {
   }
   export_->add_connection(*this);
   registered_ = true;
+  transport_.set_io_loop(export_->config().io_loop);
   const bool extended = mode_ == Mode::kExtended;
   const bool writable = export_->config().writable;
   while (!closing_) {

@@ -9,6 +9,7 @@
 
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -29,6 +30,11 @@ class Transport {
   // Writes every byte of `iov`; false on error or after shutdown().
   virtual aio::Task<bool> write_all(std::span<const iovec> iov) = 0;
   virtual void shutdown() = 0;
+  // Moves the socket work (receives and sends) to `io_loop`'s thread (an export's iothread);
+  // nullptr brings it back. Callers keep running on their own loop: each read_exact/write_all
+  // crosses to `io_loop` and back. Call between operations, from the transport's own loop.
+  // Transports without sockets ignore it.
+  virtual void set_io_loop(aio::EventLoop* io_loop) { (void)io_loop; }
 
   // Reads and drops `length` bytes.
   aio::Task<bool> discard(uint64_t length);
@@ -36,19 +42,30 @@ class Transport {
 
 // A connected stream socket on `loop`. Reads are buffered (small request headers cost one
 // receive per buffer fill); payloads larger than the buffer are received in place. The descriptor
-// stays owned by the caller.
+// stays owned by the caller. With an io loop set, receives and sends (and the copies they make)
+// run on that loop's thread; a read the buffer already holds is served without crossing.
+// shutdown() may be called from the transport's own loop while an operation runs on the io loop.
 class SocketTransport final : public Transport {
  public:
   SocketTransport(aio::EventLoop& loop, int fd);
   aio::Task<bool> read_exact(void* buffer, size_t length) override;
   aio::Task<bool> write_all(std::span<const iovec> iov) override;
   void shutdown() override;
+  void set_io_loop(aio::EventLoop* io_loop) override { io_loop_ = io_loop; }
 
  private:
   static constexpr size_t kBufferSize = 64 * 1024;
+  // The socket operations themselves, on `loop` (the current one). read_on: see read_exact.
+  aio::Task<bool> read_on(aio::EventLoop& loop, char* out, size_t length);
+  // Sends `iov` past its first `already_sent` bytes, on `loop` (the current one).
+  aio::Task<bool> write_on(aio::EventLoop& loop, std::span<const iovec> iov, size_t already_sent);
+  // One non-blocking sendmsg of `iov`: bytes sent (0 when the socket is full), -1 on error.
+  ssize_t try_send(std::span<const iovec> iov);
+
   aio::EventLoop& loop_;
+  aio::EventLoop* io_loop_ = nullptr;
   int fd_;
-  bool shut_down_ = false;
+  std::atomic<bool> shut_down_ = false;
   std::unique_ptr<char[]> buffer_;
   size_t begin_ = 0;
   size_t end_ = 0;
