@@ -166,10 +166,9 @@ def make_file_node(s, name="img.qcow2", node="f"):
 QCOW2_OPTION_SETS = {
     "defaults": ({}, {}),
     "v2": ({"version": "v2", "cluster-size": 4096}, {}),
-    # strata opens extended-L2 images read-only only (for now): compare read-only opens.
     "features": ({"extended-l2": True, "cluster-size": 131072, "refcount-bits": 1,
                   "lazy-refcounts": True, "compression-type": "zstd"},
-                 {"lazy-refcounts": True, "l2-cache-size": 262144, "read-only": True}),
+                 {"lazy-refcounts": True, "l2-cache-size": 262144}),
     "refcount64": ({"refcount-bits": 64, "cluster-size": 512}, {"cache-size": 1 << 20}),
     "prealloc-metadata": ({"preallocation": "metadata"}, {}),
     "prealloc-full": ({"preallocation": "full", "cluster-size": 65536}, {}),
@@ -210,9 +209,8 @@ def test_create_qcow2_with_data_file_same_as_qsd(pair):
         s.jobs()
         s.log.append({"data-size": os.path.getsize(s.path("img.data"))})
         s.cmd("job-dismiss", {"id": "c1"})
-        # strata opens images with a data file read-only only (for now).
         s.cmd("blockdev-add", {"driver": "qcow2", "node-name": "disk", "file": "f",
-                               "data-file": "df", "read-only": True})
+                               "data-file": "df"})
         s.log.append({"nodes": s.nodes()})
     compare(*ss)
 

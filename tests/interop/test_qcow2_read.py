@@ -155,10 +155,9 @@ def test_open_errors_same_as_qsd(pair):
         "error": {"class": "GenericError", "desc": "Active L1 table too large"}}
 
 
-def test_strata_refuses_read_write_qcow2(pair):
-    """strata only (no comparison): a plain qcow2 image opens read-write; one with extended L2
-    entries (which strata does not write yet) fails with a precise message, with or without
-    auto-read-only. QSD opens both read-write."""
+def test_strata_opens_read_write_qcow2(pair):
+    """strata only (no comparison): plain images and images with extended L2 entries open
+    read-write, with or without auto-read-only, as in QSD."""
     workdir = pair.workdir
     sh(workdir, "qemu-img create -q -f qcow2 img.qcow2 1M && "
                 "qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 1M")
@@ -166,10 +165,8 @@ def test_strata_refuses_read_write_qcow2(pair):
     args = qcow2_args("plain", workdir + "/img.qcow2")
     args["read-only"] = False
     assert strata.qmp.cmd_args("blockdev-add", args) == {"return": {}}
-    message = ("qcow2 images with extended L2 entries can only be opened read-only in this "
-               "version of strata (set read-only=on)")
-    for extra in ({}, {"auto-read-only": True}):
-        args = qcow2_args("disk", workdir + "/ext.qcow2", **extra)
+    for name, extra in (("disk", {}), ("disk2", {"auto-read-only": True})):
+        args = qcow2_args(name, workdir + "/ext.qcow2", **extra)
         args["read-only"] = False
-        assert strata.qmp.cmd_args("blockdev-add", args) == {
-            "error": {"class": "GenericError", "desc": message}}
+        assert strata.qmp.cmd_args("blockdev-add", args) == {"return": {}}
+        assert strata.qmp.cmd_args("blockdev-del", {"node-name": name}) == {"return": {}}

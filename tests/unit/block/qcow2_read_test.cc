@@ -369,16 +369,14 @@ TEST_F(Qcow2ReadTest, DirtyAndCorruptImagesOpenReadOnly) {
 }
 
 TEST_F(Qcow2ReadTest, ReadWriteOpenNeedsAWritableImage) {
-  // Plain images open read-write now (the writer is tested in qcow2_write_test.cc); an image
-  // with an external data file stays read-only with a precise reason.
+  // Plain images and images with an external data file open read-write (the writers are tested
+  // in qcow2_write_test.cc and qcow2_subcluster_test.cc).
   ASSERT_EQ(run_in(dir(),
                    "qemu-img create -q -f qcow2 img.qcow2 1M && "
                    "qemu-img create -q -f qcow2 -o data_file=$PWD/data.raw df.qcow2 1M"),
             0);
   EXPECT_EQ(open_error(dir() + "/img.qcow2", {{"read-only", false}}), "");
-  EXPECT_EQ(open_error(dir() + "/df.qcow2", {{"read-only", false}}),
-            "qcow2 images with an external data file can only be opened read-only in this "
-            "version of strata (set read-only=on)");
+  EXPECT_EQ(open_error(dir() + "/df.qcow2", {{"read-only", false}}), "");
 }
 
 TEST_F(Qcow2ReadTest, BackingOptions) {
