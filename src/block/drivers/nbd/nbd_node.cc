@@ -99,9 +99,8 @@ aio::Task<Result<std::shared_ptr<NbdNode::Session>>> NbdNode::establish(aio::Eve
     co_return std::move(info).error();
   }
   if (options_nbd_.dirty_bitmap && !info->has_meta_context) {
-    co_return Error(ErrorKind::kNotFound,
-                    "requested x-dirty-bitmap " + *options_nbd_.dirty_bitmap + " not found",
-                    EINVAL);
+    // QEMU 10 reports the generic open failure here.
+    co_return Error(ErrorKind::kNotFound, "Could not open image: Invalid argument", EINVAL);
   }
   if (session_ != nullptr && (info->size != info_.size || info->flags != info_.flags)) {
     co_return Error(ErrorKind::kIo, "The NBD export changed its size or flags across a reconnect",
