@@ -433,5 +433,44 @@ TEST(ClientHandshakeTest, BadBlockSizesAreRefused) {
   EXPECT_EQ(info.error().message(), "server minimum block size 3 is not a power of two");
 }
 
+// CVE-2017-2630: a LIST reply whose name length exceeds the reply must be refused, not trusted.
+TEST(ClientHandshakeTest, ListReplyWithNameLongerThanTheReplyIsRefused) {
+  auto created = aio::EventLoop::create(16);
+  ASSERT_TRUE(created.ok());
+  std::string bytes;
+  WireWriter w(bytes);
+  w.u64(kInitMagic);
+  w.u64(kOptMagic);
+  w.u16(kFlagFixedNewstyle | kFlagNoZeroes);
+  std::string entry;
+  WireWriter e(entry);
+  e.u32(0x7fffffff);
+  e.bytes("abc");
+  bytes += option_reply(kOptList, kRepServer, entry);
+  MemoryTransport transport(bytes);
+  auto exports = (*created)->block_on(client_list_exports(transport));
+  ASSERT_FALSE(exports.ok());
+  EXPECT_EQ(exports.error().message(), "incorrect option length 7");
+}
+
+TEST(ClientHandshakeTest, HugeOptionReplyIsRefusedBeforeReading) {
+  auto created = aio::EventLoop::create(16);
+  ASSERT_TRUE(created.ok());
+  std::string bytes;
+  WireWriter w(bytes);
+  w.u64(kInitMagic);
+  w.u64(kOptMagic);
+  w.u16(kFlagFixedNewstyle | kFlagNoZeroes);
+  w.u64(kRepMagic);
+  w.u32(kOptStructuredReply);
+  w.u32(kRepAck);
+  w.u32(0xffffffffu);
+  MemoryTransport transport(bytes);
+  auto info = (*created)->block_on(client_handshake(transport, ClientHandshakeRequest{}));
+  ASSERT_FALSE(info.ok());
+  EXPECT_NE(info.error().message().find("is too long (4294967295 bytes)"), std::string::npos)
+      << info.error().message();
+}
+
 }  // namespace
 }  // namespace strata::nbd
