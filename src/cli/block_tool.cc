@@ -11,6 +11,8 @@
 
 #include "base/arg_decoder.h"
 #include "block/drivers/driver.h"
+#include "block/drivers/nbd/nbd_uri.h"
+#include "block/io/request.h"
 #include "qmp/json_stream.h"
 
 namespace strata::cli {
@@ -79,16 +81,30 @@ Result<ImageOptions> image_options(const ImageOpenRequest& request) {
       }
     }
   } else {
+    nlohmann::json protocol;
+    if (block::is_nbd_uri(request.filename)) {
+      auto nbd = block::nbd_uri_options(request.filename);
+      if (!nbd) {
+        return std::move(nbd).error();
+      }
+      protocol = std::move(nbd).value();
+    } else {
+      protocol = protocol_options(request.filename);
+    }
     std::string format;
     if (request.format) {
       format = *request.format;
-    } else if (protocol_options(request.filename)["driver"] != "file") {
+    } else if (protocol["driver"] == "nbd") {
+      // Probed once the connection is up (BlockSession::open); raw until then.
+      format = "raw";
+      result.probed = true;
+      result.probe_through_protocol = true;
+    } else if (protocol["driver"] != "file") {
       format = "raw";
     } else {
       format = probe_format(request.filename);
       result.probed = true;
     }
-    nlohmann::json protocol = protocol_options(request.filename);
     if (format == protocol["driver"]) {
       result.options = protocol;
     } else {
@@ -141,10 +157,62 @@ BlockSession::~BlockSession() {
   loop_.reset();
 }
 
+namespace {
+
+// The members of a format node's options that its protocol child inherits when opened inline.
+constexpr const char* kInheritedMembers[] = {"read-only", "auto-read-only", "force-share", "cache",
+                                             "discard"};
+
+// QEMU's bdrv_open probing through a protocol: opens options["file"] alone, reads its first
+// bytes, and rewrites `options` into the probed format over that node (by node name).
+Result<std::shared_ptr<block::Node>> probe_through_protocol(aio::EventLoop& loop,
+                                                            block::Graph& graph,
+                                                            ImageOptions& options) {
+  nlohmann::json protocol = options.options["file"];
+  for (const char* member : kInheritedMembers) {
+    if (options.options.contains(member) && !protocol.contains(member)) {
+      protocol[member] = options.options[member];
+    }
+  }
+  ArgDecoder d(protocol, "file", options.keyval);
+  auto parsed = block::parse_blockdev_options(d, protocol);
+  auto decoded = d.finish();
+  if (!decoded) {
+    return std::move(decoded).error();
+  }
+  auto node = block::open_blockdev(graph, *parsed);
+  if (!node) {
+    return node;
+  }
+  char header[sizeof(kQcow2Magic)] = {};
+  if ((*node)->length() >= sizeof(header)) {
+    auto read = loop.block_on(block::io::pread(**node, 0, header, sizeof(header)));
+    if (!read) {
+      return std::move(read).error();
+    }
+  }
+  if (std::memcmp(header, kQcow2Magic, sizeof(header)) == 0) {
+    options.options["driver"] = "qcow2";
+  }
+  options.options["file"] = (*node)->name();
+  return node;
+}
+
+}  // namespace
+
 Result<block::Node*> BlockSession::open(const ImageOpenRequest& request) {
   auto options = image_options(request);
   if (!options) {
     return std::move(options).error();
+  }
+  // Keeps the probed protocol node alive until the format node holds it.
+  std::shared_ptr<block::Node> probed_protocol;
+  if (options->probe_through_protocol) {
+    auto node = probe_through_protocol(*loop_, *graph_, *options);
+    if (!node) {
+      return std::move(node).error();
+    }
+    probed_protocol = std::move(node).value();
   }
   ArgDecoder d(options->options, "", options->keyval);
   auto parsed = block::parse_blockdev_options(d, options->options);

@@ -75,6 +75,9 @@ struct ImageOptions {
   nlohmann::json options;
   bool keyval = false;
   bool probed = false;
+  // The format must be probed by reading through the protocol node (NBD URIs): open
+  // options["file"] first, then choose options["driver"].
+  bool probe_through_protocol = false;
 };
 Result<ImageOptions> image_options(const ImageOpenRequest& request);
 

@@ -3,6 +3,7 @@
 #include "block/drivers/blkdebug/blkdebug_node.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/file/file_node.h"
+#include "block/drivers/nbd/nbd_node.h"
 #include "block/drivers/null/null_node.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/drivers/raw/raw_node.h"
@@ -13,6 +14,7 @@ namespace {
 const Driver kDrivers[] = {
     {"blkdebug", &BlkdebugNode::parse, &BlkdebugNode::open},
     {"file", &FileNode::parse, &FileNode::open},
+    {"nbd", &NbdNode::parse, &NbdNode::open},
     {"null-aio", &NullNode::parse, &NullNode::open_aio},
     {"null-co", &NullNode::parse, &NullNode::open_co},
     {"qcow2", &qcow2::Qcow2Node::parse, &qcow2::Qcow2Node::open},

@@ -1,0 +1,53 @@
+#pragma once
+// The client side of the NBD fixed newstyle handshake (doc/proto.md "Option haggling"; QEMU's
+// nbd_receive_negotiate). Speaks only to a Transport, so it runs over a socket and over the
+// in-memory streams of tests and the fuzz target.
+//
+// Asks for structured replies, one meta context (base:allocation or a qemu: context such as
+// qemu:dirty-bitmap:NAME) and the export with NBD_INFO_BLOCK_SIZE through OPT_GO, falling back to
+// EXPORT_NAME when the server does not know OPT_GO. Every server string and payload is bounded;
+// a server that breaks the protocol gets a clear error, never an unbounded read.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aio/task.h"
+#include "base/result.h"
+#include "nbd/transport.h"
+
+namespace strata::nbd {
+
+struct ClientHandshakeRequest {
+  std::string export_name;
+  // The meta context to select for BLOCK_STATUS, or nullopt for none.
+  std::optional<std::string> meta_context = "base:allocation";
+};
+
+// What the server granted for the selected export.
+struct ExportInfo {
+  uint64_t size = 0;
+  uint16_t flags = 0;  // transmission flags (kFlagReadOnly, kFlagSendFlush, ...)
+  // NBD_INFO_BLOCK_SIZE; 0 when the server did not send it.
+  uint32_t min_block = 0;
+  uint32_t preferred_block = 0;
+  uint32_t max_block = 0;
+  bool structured_replies = false;
+  // The server selected the requested meta context under this id.
+  bool has_meta_context = false;
+  uint32_t meta_context_id = 0;
+};
+
+struct ExportListing {
+  std::string name;
+  std::string description;
+};
+
+// Runs the handshake up to the start of transmission.
+aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
+                                               const ClientHandshakeRequest& request);
+// Lists the server's exports (NBD_OPT_LIST, then NBD_OPT_ABORT).
+aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport);
+
+}  // namespace strata::nbd
