@@ -3,7 +3,9 @@
 #include <array>
 
 #include "base/arg_decoder.h"
+#include "daemon/bitmap_commands.h"
 #include "daemon/exports.h"
+#include "daemon/transaction.h"
 
 namespace strata::daemon {
 
@@ -48,6 +50,9 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_job_commands();
   exports_ = std::make_unique<ExportManager>(*this);
   exports_->register_commands();
+  transaction_actions_ = std::make_unique<TransactionActionTable>();
+  register_transaction_command(*this);
+  register_bitmap_commands(*this);
 }
 
 Daemon::~Daemon() = default;

@@ -22,6 +22,7 @@
 namespace strata::daemon {
 
 class ExportManager;
+class TransactionActionTable;
 
 // An `iothread` object: a thread running its own event loop.
 class IoThread {
@@ -53,6 +54,8 @@ class Daemon {
   qmp::CommandTable& command_table() { return commands_; }
   // Block exports and the NBD server (daemon/exports.h).
   ExportManager& exports() { return *exports_; }
+  // The action types of `transaction` (daemon/transaction.h); others register theirs here.
+  TransactionActionTable& transaction_actions() { return *transaction_actions_; }
   bool has_iothread(const std::string& id) const { return iothreads_.count(id) != 0; }
   // tls-creds-x509/-psk and authz-simple/-list objects (daemon/crypto_objects.cc).
   const crypto::ObjectTable& crypto_objects() const { return crypto_objects_; }
@@ -94,6 +97,7 @@ class Daemon {
   std::vector<std::unique_ptr<IoThread>> retired_iothreads_;
   // After graph_ and monitors_: exports hold root edges and emit events.
   std::unique_ptr<ExportManager> exports_;
+  std::unique_ptr<TransactionActionTable> transaction_actions_;
   bool stop_requested_ = false;
 };
 

@@ -6,6 +6,7 @@
 
 #include "base/arg_decoder.h"
 #include "daemon/daemon.h"
+#include "daemon/export_bitmaps.h"
 #include "nbd/protocol.h"
 
 namespace strata::daemon {
@@ -172,6 +173,7 @@ aio::Task<void> ExportManager::remove(std::shared_ptr<nbd::Export> exp) {
     daemon_.graph().detach_root(std::move(root));
   }
   std::erase(exports_, exp);
+  exp->release_bitmaps();
   daemon_.monitors().emit_event("BLOCK_EXPORT_DELETED", {{"id", exp->id()}});
 }
 
@@ -207,7 +209,8 @@ Result<void> ExportManager::add_export(const nlohmann::json& args, bool keyval) 
   bool writethrough = d.opt_bool("writethrough").value_or(false);
   bool allow_inactive = d.opt_bool("allow-inactive").value_or(false);
   nbd::ExportConfig config;
-  std::vector<std::string> bitmap_names;
+  // Each requested bitmap: {node, name} (node set) or a name looked up from the export's node.
+  std::vector<std::pair<std::optional<std::string>, std::string>> bitmap_names;
   if (type == "nbd") {
     std::optional<std::string> name = d.opt_str("name");
     config.name = name.value_or(node_name);
@@ -217,11 +220,12 @@ Result<void> ExportManager::add_export(const nlohmann::json& args, bool keyval) 
         const nlohmann::json& element = (*bitmaps)[i];
         if (element.is_object()) {
           ArgDecoder e = d.element_decoder(element, i, "bitmaps");
-          (void)e.str("node");
-          bitmap_names.push_back(e.str("name"));
+          std::string bitmap_node = e.str("node");
+          std::string bitmap_name = e.str("name");
+          bitmap_names.emplace_back(std::move(bitmap_node), std::move(bitmap_name));
           ignore_error(e.finish(), "recorded in the shared decoder state");
         } else {
-          bitmap_names.push_back(d.element_str(element, i, "bitmaps"));
+          bitmap_names.emplace_back(std::nullopt, d.element_str(element, i, "bitmaps"));
         }
       }
     }
@@ -274,10 +278,16 @@ Result<void> ExportManager::add_export(const nlohmann::json& args, bool keyval) 
   if (server_->find_export(config.name)) {
     return generic("NBD server already has export named '" + config.name + "'");
   }
-  for (const auto& bitmap : bitmap_names) {
-    // No persistent or in-memory dirty bitmaps exist yet in strata.
-    return generic("Bitmap '" + bitmap + "' is not found");
+  auto bitmaps = resolve_export_bitmaps(daemon_.graph(), *node, bitmap_names, !writable);
+  if (!bitmaps) {
+    return std::move(bitmaps).error();
   }
+  // Busy from here on; the export clears it when it is destroyed (also on the failures below).
+  for (const auto& bitmap : *bitmaps) {
+    config.bitmaps.push_back(bitmap->name());
+    bitmap->set_busy(true);
+  }
+  config.bitmap_sources = std::move(bitmaps).value();
   config.writable = writable;
   config.writethrough = writethrough;
   config.multi_conn = server_->config().max_connections != 1;

@@ -2,6 +2,7 @@
 
 #include <map>
 
+#include "block/bitmap/dirty_bitmap.h"
 #include "block/info/image_info.h"
 
 namespace strata::daemon {
@@ -10,6 +11,26 @@ using block::Node;
 
 using block::filter_or_cow;
 using block::image_info;
+
+nlohmann::json dirty_bitmap_info(const Node& node) {
+  nlohmann::json list = nlohmann::json::array();
+  const auto& bitmaps = node.dirty_bitmaps().bitmaps();
+  // QEMU lists a node's bitmaps newest first.
+  for (auto it = bitmaps.rbegin(); it != bitmaps.rend(); ++it) {
+    const block::bitmap::DirtyBitmap& bitmap = **it;
+    nlohmann::json entry = {{"name", bitmap.name()},
+                            {"count", bitmap.count()},
+                            {"granularity", bitmap.granularity()},
+                            {"recording", bitmap.enabled()},
+                            {"busy", bitmap.busy()},
+                            {"persistent", bitmap.persistent()}};
+    if (bitmap.inconsistent()) {
+      entry["inconsistent"] = true;
+    }
+    list.push_back(std::move(entry));
+  }
+  return list;
+}
 
 nlohmann::json block_device_info(const Node& node, bool flat) {
   const auto& options = node.common_options();
@@ -39,6 +60,9 @@ nlohmann::json block_device_info(const Node& node, bool flat) {
   info["cache"] = {
       {"writeback", true}, {"direct", options.cache_direct}, {"no-flush", options.cache_no_flush}};
   info["write_threshold"] = 0;
+  if (nlohmann::json bitmaps = dirty_bitmap_info(node); !bitmaps.empty()) {
+    info["dirty-bitmaps"] = std::move(bitmaps);
+  }
   return info;
 }
 

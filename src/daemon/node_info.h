@@ -11,6 +11,9 @@ namespace strata::daemon {
 // BlockDeviceInfo of one node. With `flat`, the image's backing chain is not nested and
 // backing_file_depth is 0.
 nlohmann::json block_device_info(const block::Node& node, bool flat);
+// BlockDirtyInfo list of the node's dirty bitmaps, newest first (empty when it has none: QEMU
+// then leaves "dirty-bitmaps" out of BlockDeviceInfo).
+nlohmann::json dirty_bitmap_info(const block::Node& node);
 // XDbgBlockGraph: {"nodes": [...], "edges": [...]}.
 nlohmann::json debug_block_graph(const block::Graph& graph);
 

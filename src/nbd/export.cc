@@ -11,7 +11,19 @@ Export::Export(std::string id, ExportConfig config, std::shared_ptr<block::Node>
   idle_.set();
 }
 
-Export::~Export() = default;
+Export::~Export() {
+  release_bitmaps();
+}
+
+void Export::release_bitmaps() {
+  if (bitmaps_released_) {
+    return;
+  }
+  bitmaps_released_ = true;
+  for (const auto& bitmap : config_.bitmap_sources) {
+    bitmap->set_busy(false);
+  }
+}
 
 uint16_t Export::flags() const {
   // QEMU's nbd_export_create: flush, FUA and cache always; write commands when writable.

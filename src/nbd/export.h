@@ -17,6 +17,7 @@
 #include "aio/event_loop.h"
 #include "aio/sync.h"
 #include "aio/task.h"
+#include "block/bitmap/dirty_bitmap.h"
 #include "block/graph/node.h"
 
 namespace strata::nbd {
@@ -27,9 +28,10 @@ struct ExportConfig {
   bool writable = false;
   bool writethrough = false;      // every write is FUA
   bool allocation_depth = false;  // offer the qemu:allocation-depth context
-  // qemu:dirty-bitmap:NAME contexts (names of bitmaps on the node). No bitmap source exists yet,
-  // so the list is empty in practice; the negotiation plumbing handles any length.
+  // qemu:dirty-bitmap:NAME contexts: the names, and parallel to them the bitmaps BLOCK_STATUS
+  // reads. The creator marks each bitmap busy; the export clears that when it is destroyed.
   std::vector<std::string> bitmaps;
+  std::vector<std::shared_ptr<block::bitmap::DirtyBitmap>> bitmap_sources;
   bool multi_conn = true;  // advertise NBD_FLAG_CAN_MULTI_CONN
   // The export's iothread loop (block-export-add `iothread`), or nullptr. Connections that select
   // the export do their socket receives and sends there; the protocol state and every call into
@@ -57,6 +59,9 @@ class Export : public block::BlockParent {
   // Transmission flags before per-connection additions (DF, BLOCK_STAT_PAYLOAD).
   uint16_t flags() const;
   std::string parent_description() const override { return "block export '" + id_ + "'"; }
+  // Ends the export's use of its dirty bitmaps (clears their busy flag) once its connections are
+  // gone; the destructor does it when nobody did. Idempotent.
+  void release_bitmaps();
 
   // The root edge, attached by the creator.
   void set_root(std::unique_ptr<block::Child> root) { root_ = std::move(root); }
@@ -96,6 +101,7 @@ class Export : public block::BlockParent {
  private:
   std::string id_;
   ExportConfig config_;
+  bool bitmaps_released_ = false;
   std::shared_ptr<block::Node> node_;
   std::unique_ptr<block::Child> root_;
   std::vector<Closable*> connections_;

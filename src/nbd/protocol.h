@@ -135,6 +135,8 @@ enum WireError : uint32_t {
 // base:allocation flags; qemu:allocation-depth values are the depth itself.
 inline constexpr uint32_t kStateHole = 1u << 0;
 inline constexpr uint32_t kStateZero = 1u << 1;
+// qemu:dirty-bitmap contexts (QEMU's NBD_STATE_DIRTY).
+inline constexpr uint32_t kStateDirty = 1u << 0;
 
 // ---- limits --------------------------------------------------------------------------------
 // Largest READ/WRITE/CACHE payload and largest option payload (QEMU's NBD_MAX_BUFFER_SIZE).

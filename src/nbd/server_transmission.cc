@@ -445,7 +445,19 @@ aio::Task<Result<void>> ServerConnection::collect_extents(
         flags = status->depth;
       }
     }
-    // Dirty bitmaps: no bitmap source exists yet, so every range is clean (flags 0).
+    if (context >= kContextFirstBitmap) {
+      // QEMU's bitmap_to_extents: dirty runs carry NBD_STATE_DIRTY, byte-exact within the
+      // request; anything past the bitmap's end reads as clean.
+      const block::bitmap::DirtyBitmap& bitmap =
+          *export_->config().bitmap_sources[context - kContextFirstBitmap];
+      const uint64_t at = offset + done;
+      const bool dirty = bitmap.test(at);
+      const std::optional<uint64_t> change = dirty ? bitmap.next_zero(at) : bitmap.next_dirty(at);
+      const uint64_t change_at =
+          dirty ? change.value_or(bitmap.size()) : change.value_or(UINT64_MAX);
+      run_length = std::min(length - done, std::max(change_at, at + 1) - at);
+      flags = dirty ? kStateDirty : 0;
+    }
     if (!out.empty() && out.back().second == flags) {
       out.back().first += run_length;
     } else {

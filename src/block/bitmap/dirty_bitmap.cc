@@ -134,12 +134,46 @@ void DirtyBitmap::deserialize_part(std::span<const uint8_t> in, uint64_t offset,
   }
 }
 
+std::vector<uint8_t> DirtyBitmap::hbitmap_bytes() const {
+  std::vector<uint8_t> bytes(std::max<size_t>(words_.size(), 1) * 8, 0);
+  for (size_t i = 0; i < words_.size(); ++i) {
+    for (size_t b = 0; b < 8; ++b) {
+      bytes[i * 8 + b] = static_cast<uint8_t>(words_[i] >> (8 * b));
+    }
+  }
+  return bytes;
+}
+
+Result<void> check_bitmap(const DirtyBitmap& bitmap, unsigned checks) {
+  const std::string quoted = "Bitmap '" + bitmap.name() + "'";
+  if ((checks & kCheckBusy) != 0 && bitmap.busy()) {
+    return make_error(ErrorKind::kBusy,
+                      quoted + " is currently in use by another operation and cannot be used");
+  }
+  if ((checks & kCheckReadonly) != 0 && bitmap.readonly()) {
+    return make_error(ErrorKind::kPermission, quoted + " is readonly and cannot be modified");
+  }
+  if ((checks & kCheckInconsistent) != 0 && bitmap.inconsistent()) {
+    return make_error(ErrorKind::kInvalidArgument, quoted + " is inconsistent and cannot be used");
+  }
+  return ok();
+}
+
 // ---- BitmapSet ---------------------------------------------------------------------------------
 
 DirtyBitmap* BitmapSet::find(std::string_view name) const {
   for (const auto& bitmap : bitmaps_) {
     if (bitmap->name() == name) {
       return bitmap.get();
+    }
+  }
+  return nullptr;
+}
+
+std::shared_ptr<DirtyBitmap> BitmapSet::find_shared(std::string_view name) const {
+  for (const auto& bitmap : bitmaps_) {
+    if (bitmap->name() == name) {
+      return bitmap;
     }
   }
   return nullptr;
@@ -172,6 +206,9 @@ Result<void> check_new_bitmap(const BitmapSet& set, std::string_view name, uint6
   }
   if (set.find(name) != nullptr) {
     return make_error(ErrorKind::kInvalidArgument, "Bitmap already exists: " + std::string(name));
+  }
+  if (name.size() > kMaxNameLength) {
+    return make_error(ErrorKind::kInvalidArgument, "Bitmap name too long: " + std::string(name));
   }
   return ok();
 }

@@ -44,12 +44,19 @@ class DirtyBitmap {
   bool persistent() const { return persistent_; }
   void set_persistent(bool persistent) { persistent_ = persistent; }
   // Loaded from an image that marked it in use: its bits are unusable (QEMU refuses every use but
-  // removal).
+  // removal), and it stops recording (QEMU's bdrv_dirty_bitmap_set_inconsistent).
   bool inconsistent() const { return inconsistent_; }
-  void set_inconsistent() { inconsistent_ = true; }
+  void set_inconsistent() {
+    inconsistent_ = true;
+    enabled_ = false;
+  }
   // Loaded from a read-only image: may not be modified, and is not stored back.
   bool readonly() const { return readonly_; }
   void set_readonly(bool readonly) { readonly_ = readonly; }
+  // In use by an operation that owns it for a while (an NBD export, later a backup job): QMP
+  // may neither change nor remove it (QEMU's bdrv_dirty_bitmap_busy).
+  bool busy() const { return busy_; }
+  void set_busy(bool busy) { busy_ = busy; }
 
   // Marks or clears the chunks overlapping [offset, offset + bytes) (clamped to size()).
   void set(uint64_t offset, uint64_t bytes);
@@ -81,6 +88,13 @@ class DirtyBitmap {
   void serialize_part(std::span<uint8_t> out, uint64_t offset, uint64_t bytes) const;
   void deserialize_part(std::span<const uint8_t> in, uint64_t offset, uint64_t bytes);
 
+  // The bit array as QEMU's HBitmap keeps its last level: little-endian 64-bit words, at least
+  // one (x-debug-block-dirty-bitmap-sha256 hashes exactly these bytes).
+  std::vector<uint8_t> hbitmap_bytes() const;
+  // A copy of the bits, and putting such a copy back (transaction undo of clear and merge).
+  std::vector<uint64_t> save_bits() const { return words_; }
+  void restore_bits(std::vector<uint64_t> words) { words_ = std::move(words); }
+
  private:
   uint64_t first_chunk(uint64_t offset) const { return offset / granularity_; }
   // One past the last chunk overlapping [offset, offset + bytes), clamped to bit_count_.
@@ -98,29 +112,49 @@ class DirtyBitmap {
   bool persistent_ = false;
   bool inconsistent_ = false;
   bool readonly_ = false;
+  bool busy_ = false;
 };
 
+// What a user of a bitmap requires of it (QEMU's BDRV_BITMAP_* flags of bdrv_dirty_bitmap_check).
+enum BitmapCheck : unsigned {
+  kCheckBusy = 1u << 0,
+  kCheckReadonly = 1u << 1,
+  kCheckInconsistent = 1u << 2,
+  // Modifying the bits: BDRV_BITMAP_DEFAULT.
+  kCheckDefault = kCheckBusy | kCheckReadonly | kCheckInconsistent,
+  // Reading the bits or switching recording on and off: BDRV_BITMAP_ALLOW_RO.
+  kCheckAllowReadonly = kCheckBusy | kCheckInconsistent,
+};
+
+// QEMU's bdrv_dirty_bitmap_check, with its messages ("Bitmap 'x' is currently in use by another
+// operation and cannot be used", "... is readonly and cannot be modified", "... is inconsistent
+// and cannot be used").
+Result<void> check_bitmap(const DirtyBitmap& bitmap, unsigned checks);
+
 // The named bitmaps of one node, in creation order (QEMU lists them newest first in query-block;
-// the qcow2 directory keeps the image's order).
+// the qcow2 directory keeps the image's order). Bitmaps are shared: a user that must outlive a
+// removal (an NBD export reading a busy bitmap while its node is inactivated) keeps a reference.
 class BitmapSet {
  public:
   DirtyBitmap* find(std::string_view name) const;
+  std::shared_ptr<DirtyBitmap> find_shared(std::string_view name) const;
   // Adds a bitmap; the caller checked that the name is free.
   DirtyBitmap& add(std::unique_ptr<DirtyBitmap> bitmap);
   // Removes and destroys the bitmap called `name` (no-op when there is none).
   void remove(std::string_view name);
-  const std::vector<std::unique_ptr<DirtyBitmap>>& bitmaps() const { return bitmaps_; }
+  const std::vector<std::shared_ptr<DirtyBitmap>>& bitmaps() const { return bitmaps_; }
   bool empty() const { return bitmaps_.empty(); }
 
   // The request layer's hook: every enabled bitmap records [offset, offset + bytes).
   void mark_dirty(uint64_t offset, uint64_t bytes);
 
  private:
-  std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
+  std::vector<std::shared_ptr<DirtyBitmap>> bitmaps_;
 };
 
 // QEMU's checks for a new bitmap's name and granularity (block_dirty_bitmap_add and
-// bdrv_create_dirty_bitmap), with their messages.
+// bdrv_create_dirty_bitmap), with their messages, in QEMU's order: empty name, granularity,
+// name in use, name too long.
 Result<void> check_new_bitmap(const BitmapSet& set, std::string_view name, uint64_t granularity);
 
 }  // namespace strata::block::bitmap

@@ -265,8 +265,9 @@ Qcow2Node::Qcow2Node(CommonOptions common) : Node(std::move(common)) {}
 Qcow2Node::~Qcow2Node() {
   // QEMU's qcow2_close: the persistent bitmaps of an active node are stored, dirty metadata
   // reaches the file, then the dirty bit of lazy refcounts is cleared (errors can only be
-  // reported).
-  if (active_ && refcounts_ != nullptr) {
+  // reported). A read-only node tries too: a persistent bitmap added to it cannot be stored,
+  // and the message says it is lost.
+  if (active_) {
     (void)store_bitmaps_now(/*release=*/true);
   }
   ignore_error(write_back_now(), "closing a qcow2 node cannot fail");
