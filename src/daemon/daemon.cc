@@ -3,6 +3,8 @@
 #include <array>
 
 #include "base/arg_decoder.h"
+#include "daemon/backup_command.h"
+#include "daemon/block_job_commands.h"
 #include "daemon/bitmap_commands.h"
 #include "daemon/exports.h"
 #include "daemon/transaction.h"
@@ -48,6 +50,10 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_commands();
   register_block_commands();
   register_job_commands();
+  register_block_job_commands(*this);
+  register_backup_command(*this);
+  jobs_.set_event_sink(
+      [this](std::string name, nlohmann::json data) { monitors_.emit_event(name, data); });
   exports_ = std::make_unique<ExportManager>(*this);
   exports_->register_commands();
   transaction_actions_ = std::make_unique<TransactionActionTable>();
@@ -143,6 +149,9 @@ void Daemon::register_commands() {
         if (!decoded) {
           co_return std::move(decoded).error();
         }
+        // As qemu-storage-daemon, running jobs are cancelled and their events sent before
+        // quit's reply.
+        co_await jobs_.cancel_all();
         monitors_.request_quit();
         co_return nlohmann::json::object();
       });

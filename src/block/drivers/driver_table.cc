@@ -1,6 +1,7 @@
 // The list of drivers built into strata. A new driver adds one line here.
 
 #include "block/drivers/blkdebug/blkdebug_node.h"
+#include "block/drivers/cbw/cbw_node.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/file/file_node.h"
 #include "block/drivers/nbd/nbd_node.h"
@@ -13,6 +14,7 @@ namespace strata::block {
 namespace {
 const Driver kDrivers[] = {
     {"blkdebug", &BlkdebugNode::parse, &BlkdebugNode::open},
+    {"copy-before-write", &CbwNode::parse, &CbwNode::open},
     {"file", &FileNode::parse, &FileNode::open},
     {"nbd", &NbdNode::parse, &NbdNode::open},
     {"null-aio", &NullNode::parse, &NullNode::open_aio},

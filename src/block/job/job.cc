@@ -115,19 +115,29 @@ aio::Task<void> Job::pause_point() {
   if (pause_count_ <= 0 || is_cancelled()) {
     co_return;
   }
-  const JobStatus before = status_;
-  manager_->transition(*this,
-                       before == JobStatus::kReady ? JobStatus::kStandby : JobStatus::kPaused);
-  aio::Event wake;
-  wake_ = &wake;
-  busy_ = false;
-  while (pause_count_ > 0 && !is_cancelled()) {
-    wake.reset();
-    co_await wake.wait();
+  on_pause();
+  if (pause_count_ > 0 && !is_cancelled()) {
+    paused_from_ = status_;
+    manager_->transition(
+        *this, paused_from_ == JobStatus::kReady ? JobStatus::kStandby : JobStatus::kPaused);
+    parked_ = true;
+    aio::Event wake;
+    wake_ = &wake;
+    busy_ = false;
+    while (parked_ && pause_count_ > 0 && !is_cancelled()) {
+      wake.reset();
+      co_await wake.wait();
+    }
+    wake_ = nullptr;
+    busy_ = true;
+    // A resume has already restored the status (so that it shows before the command's reply);
+    // a cancel has not.
+    if (parked_) {
+      parked_ = false;
+      manager_->transition(*this, paused_from_);
+    }
   }
-  wake_ = nullptr;
-  busy_ = true;
-  manager_->transition(*this, before);
+  on_resume();
 }
 
 aio::Task<void> Job::yield() {
@@ -147,6 +157,19 @@ aio::Task<void> Job::yield() {
 
 void Job::transition_to_ready() {
   manager_->transition(*this, JobStatus::kReady);
+  event_ready();
+}
+
+void Job::pause() {
+  pause_count_++;
+  enter();
+}
+
+void Job::pause_as_user() {
+  if (!user_paused_) {
+    pause();
+    user_paused_ = true;
+  }
 }
 
 // ---- JobManager -------------------------------------------------------------------------------
@@ -178,7 +201,7 @@ Result<void> JobManager::apply_verb(const Job& job, JobVerb verb) const {
                         "' cannot accept command verb '" + std::string(verb_name(verb)) + "'");
 }
 
-Result<Job*> JobManager::create(std::unique_ptr<Job> job) {
+Result<Job*> JobManager::create(std::unique_ptr<Job> job, std::shared_ptr<JobTxn> txn) {
   if (!id_wellformed(job->id_)) {
     return make_error(ErrorKind::kInvalidArgument, "Invalid job ID '" + job->id_ + "'");
   }
@@ -186,18 +209,25 @@ Result<Job*> JobManager::create(std::unique_ptr<Job> job) {
     return make_error(ErrorKind::kExists, "Job ID '" + job->id_ + "' already in use");
   }
   job->manager_ = this;
+  job->txn_ = txn ? std::move(txn) : new_txn();
+  job->txn_->jobs.push_back(job.get());
   Job* created = job.get();
   jobs_.push_back(std::move(job));
   transition(*created, JobStatus::kCreated);
   return created;
 }
 
-void JobManager::start(Job& job) {
+void JobManager::start(Job& job, bool drained) {
   job.started_ = true;
-  job.pause_count_--;
+  if (!drained) {
+    job.pause_count_--;
+  }
   job.busy_ = true;
   transition(job, JobStatus::kRunning);
   running_.spawn(run_job(&job));
+  if (drained) {
+    resume(job);
+  }
 }
 
 void JobManager::early_fail(Job& job) {
@@ -246,28 +276,107 @@ void JobManager::update_rc(Job& job) {
   }
 }
 
+bool JobManager::is_completed(const Job& job) {
+  switch (job.status_) {
+    case JobStatus::kWaiting:
+    case JobStatus::kPending:
+    case JobStatus::kAborting:
+    case JobStatus::kConcluded:
+    case JobStatus::kNull:
+      return true;
+    default:
+      return false;
+  }
+}
+
 void JobManager::completed(Job& job) {
   update_rc(job);
   if (job.failure_) {
-    finalize_single(job);
-    return;
+    txn_abort(job);
+  } else {
+    txn_success(job);
   }
+}
+
+// QEMU's job_completed_txn_success_locked: waiting until every member has completed, then all
+// pending together, then finalized unless one of them waits for job-finalize.
+void JobManager::txn_success(Job& job) {
   transition(job, JobStatus::kWaiting);
-  transition(job, JobStatus::kPending);
-  if (job.flags_.auto_finalize) {
+  std::shared_ptr<JobTxn> txn = job.txn_;
+  for (Job* other : txn->jobs) {
+    if (!is_completed(*other)) {
+      return;
+    }
+  }
+  bool needs_finalize = false;
+  for (Job* other : txn->jobs) {
+    transition(*other, JobStatus::kPending);
+    if (!other->flags_.auto_finalize) {
+      other->event_pending();
+      needs_finalize = true;
+    }
+  }
+  if (!needs_finalize) {
     do_finalize(job);
   }
 }
 
-void JobManager::do_finalize(Job& job) {
-  if (!job.failure_) {
-    Result<void> prepared = job.prepare();
-    if (!prepared) {
-      job.failure_ = std::move(prepared).error();
-    }
-    update_rc(job);
+// QEMU's job_completed_txn_abort_locked. QEMU waits for the force-cancelled members in a nested
+// event loop; here each of them finishes its coroutine and comes back through completed(), and
+// the txn is finalized (in member order) once the last one has.
+void JobManager::txn_abort(Job& job) {
+  std::shared_ptr<JobTxn> txn = job.txn_;
+  if (txn->aborting) {
+    finish_txn_abort(txn);
+    return;
   }
-  finalize_single(job);
+  txn->aborting = true;
+  for (Job* other : std::vector<Job*>(txn->jobs)) {
+    if (other != &job) {
+      cancel_async(*other, true);
+      if (!other->started_) {
+        update_rc(*other);
+      } else if (!other->deferred_to_main_loop_) {
+        other->enter();
+      }
+    }
+  }
+  finish_txn_abort(txn);
+}
+
+void JobManager::finish_txn_abort(const std::shared_ptr<JobTxn>& txn) {
+  for (Job* other : txn->jobs) {
+    if (other->started_ && !other->deferred_to_main_loop_) {
+      return;  // still running; its completion comes back here
+    }
+  }
+  for (Job* other : std::vector<Job*>(txn->jobs)) {
+    if (!is_completed(*other)) {
+      update_rc(*other);
+    }
+    finalize_single(*other);
+  }
+}
+
+void JobManager::do_finalize(Job& job) {
+  std::shared_ptr<JobTxn> txn = job.txn_;
+  // QEMU's job_prepare_locked over the txn: the first failure aborts them all.
+  for (Job* other : txn->jobs) {
+    if (!other->failure_) {
+      Result<void> prepared = other->prepare();
+      if (!prepared) {
+        other->failure_ = std::move(prepared).error();
+      }
+      update_rc(*other);
+    }
+    if (other->failure_) {
+      txn_abort(*other);
+      return;
+    }
+  }
+  for (Job* other : std::vector<Job*>(txn->jobs)) {
+    finalize_single(*other);
+  }
 }
 
 void JobManager::finalize_single(Job& job) {
@@ -278,6 +387,11 @@ void JobManager::finalize_single(Job& job) {
     job.abort();
   }
   job.clean();
+  if (job.started_) {
+    job.event_finalized(job.is_cancelled());
+  }
+  auto& members = job.txn_->jobs;
+  members.erase(std::remove(members.begin(), members.end(), &job), members.end());
   conclude(job);
 }
 
@@ -291,6 +405,10 @@ void JobManager::conclude(Job& job) {
 void JobManager::do_dismiss(Job& job) {
   job.busy_ = false;
   job.deferred_to_main_loop_ = true;
+  if (job.txn_) {
+    auto& members = job.txn_->jobs;
+    members.erase(std::remove(members.begin(), members.end(), &job), members.end());
+  }
   transition(job, JobStatus::kNull);
   auto it = std::find_if(jobs_.begin(), jobs_.end(),
                          [&](const std::unique_ptr<Job>& entry) { return entry.get() == &job; });
@@ -302,6 +420,12 @@ void JobManager::do_dismiss(Job& job) {
 void JobManager::resume(Job& job) {
   job.pause_count_--;
   if (job.pause_count_ == 0) {
+    // As QEMU's job_enter, which runs the coroutine at once: the status is back before the
+    // command that resumed the job replies.
+    if (job.parked_) {
+      job.parked_ = false;
+      transition(job, job.paused_from_);
+    }
     job.enter();
   }
 }
@@ -329,6 +453,7 @@ Result<void> JobManager::user_resume(Job& job) {
   if (!allowed) {
     return allowed;
   }
+  job.on_user_resume();
   job.user_paused_ = false;
   resume(job);
   return ok();
@@ -337,6 +462,7 @@ Result<void> JobManager::user_resume(Job& job) {
 void JobManager::cancel_async(Job& job, bool force) {
   force = job.on_cancel(force);
   if (job.user_paused_) {
+    job.on_user_resume();
     job.user_paused_ = false;
     job.pause_count_--;
   }
@@ -357,7 +483,7 @@ void JobManager::cancel(Job& job, bool force) {
     completed(job);
   } else if (job.deferred_to_main_loop_) {
     if (job.is_cancelled()) {
-      finalize_single(job);
+      txn_abort(job);
     }
   } else {
     job.enter();
@@ -395,6 +521,19 @@ Result<void> JobManager::finalize(Job& job) {
     return allowed;
   }
   do_finalize(job);
+  return ok();
+}
+
+Result<void> JobManager::set_speed(Job& job, int64_t speed) {
+  auto allowed = apply_verb(job, JobVerb::kSetSpeed);
+  if (!allowed) {
+    return allowed;
+  }
+  if (speed < 0) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Parameter 'speed' expects a non-negative value");
+  }
+  job.set_speed(static_cast<uint64_t>(speed));
   return ok();
 }
 

@@ -9,7 +9,9 @@
 //   -> concluded -> null
 // A job whose run() fails, or that is cancelled, goes running -> aborting -> concluded -> null.
 // pending waits for job-finalize unless auto-finalize; concluded waits for job-dismiss unless
-// auto-dismiss. Transactions of several jobs are not modelled: every job is its own transaction.
+// auto-dismiss. Jobs started together by one `transaction` (completion-mode grouped) share a
+// JobTxn: none goes pending before all are waiting, and one failure force-cancels the others
+// and aborts them all (QEMU's JobTxn). A job created without a JobTxn is alone in its own.
 //
 // Threading: everything runs on the manager's loop thread.
 
@@ -59,6 +61,14 @@ bool verb_allowed(JobVerb verb, JobStatus status);
 bool id_wellformed(std::string_view id);
 
 class JobManager;
+class Job;
+
+// Jobs that complete together (QEMU's JobTxn). Create one with JobManager::new_txn() and pass it
+// to every JobManager::create() of the group.
+struct JobTxn {
+  std::vector<Job*> jobs;  // members not yet finalized, in creation order
+  bool aborting = false;
+};
 
 class Job {
  public:
@@ -87,6 +97,17 @@ class Job {
   bool is_cancelled() const { return cancelled_ && force_cancel_; }
   // query-jobs entry (JobInfo).
   nlohmann::json info() const;
+  bool busy() const { return busy_; }
+  // QEMU's pause_count > 0 (query-block-jobs `paused`).
+  bool pause_requested() const { return pause_count_ > 0; }
+  const Flags& flags() const { return flags_; }
+  // Block jobs (query-block-jobs lists them, block-job-* commands reach them) override this.
+  virtual bool is_block_job() const { return false; }
+  // The manager's user_resume calls this first (QEMU's JobDriver.user_resume).
+  virtual void on_user_resume() {}
+  // block-job-set-speed / the speed argument: `speed` is >= 0 (the manager checked the verb and
+  // the sign). Jobs without a speed limit keep the default.
+  virtual void set_speed(uint64_t speed) { (void)speed; }
 
  protected:
   // ---- what a concrete job implements ----
@@ -108,6 +129,17 @@ class Job {
     (void)force;
     return true;
   }
+  // Called in pause_point() before the job parks and after it resumes (QEMU's JobDriver.pause and
+  // .resume): a job stops its background work here so that it can park quickly.
+  virtual void on_pause() {}
+  virtual void on_resume() {}
+  // Notifications for the QMP events of block jobs (QEMU's on_pending/on_ready/
+  // on_finalize_cancelled/on_finalize_completed notifiers): pending with auto-finalize off, after
+  // the transition to ready, and once commit/abort and clean have run for a started job
+  // (`cancelled` is QEMU's job_is_cancelled).
+  virtual void event_pending() {}
+  virtual void event_ready() {}
+  virtual void event_finalized(bool cancelled) { (void)cancelled; }
 
   // ---- helpers for run() ----
   // Suspends while the job is paused (user or internal pause); status shows paused/standby.
@@ -122,6 +154,15 @@ class Job {
   void progress_increase_remaining(uint64_t delta) { progress_total_ += delta; }
   // running -> ready (mirror-like jobs that wait for job-complete).
   void transition_to_ready();
+  // QEMU's job_pause_locked: one more internal pause; the job parks at its next pause point.
+  void pause();
+  // The error policy `stop` (QEMU's block_job_error_action): pauses the job as a user would, so
+  // that job-resume / block-job-resume continues it. No-op when already user-paused.
+  void pause_as_user();
+  // The manager (for jobs that emit events through it).
+  JobManager& manager() const { return *manager_; }
+  // Wakes run() when it waits in yield() (QEMU's job_enter).
+  void kick() { enter(); }
 
  private:
   friend class JobManager;
@@ -134,6 +175,10 @@ class Job {
   JobManager* manager_ = nullptr;
   JobStatus status_ = JobStatus::kUndefined;
   bool started_ = false;
+  std::shared_ptr<JobTxn> txn_;
+  // run() is parked in pause_point(); paused_from_ is the status it will return to.
+  bool parked_ = false;
+  JobStatus paused_from_ = JobStatus::kRunning;
   // The coroutine has finished run() and the job is being completed on the loop.
   bool deferred_to_main_loop_ = false;
   bool busy_ = false;
@@ -158,12 +203,23 @@ class JobManager {
   JobManager& operator=(const JobManager&) = delete;
 
   // Registers `job` (status created) after QEMU's job_create checks: "Invalid job ID '...'",
-  // "Job ID '...' already in use".
-  Result<Job*> create(std::unique_ptr<Job> job);
+  // "Job ID '...' already in use". `txn` groups it with other jobs (nullptr: a txn of its own).
+  Result<Job*> create(std::unique_ptr<Job> job, std::shared_ptr<JobTxn> txn = nullptr);
+  static std::shared_ptr<JobTxn> new_txn() { return std::make_shared<JobTxn>(); }
+  // QMP events of jobs other than JOB_STATUS_CHANGE (BLOCK_JOB_*): delivered to `sink`, if set.
+  using EventSink = std::function<void(std::string name, nlohmann::json data)>;
+  void set_event_sink(EventSink sink) { event_sink_ = std::move(sink); }
+  void emit_event(std::string name, nlohmann::json data) const {
+    if (event_sink_) {
+      event_sink_(std::move(name), std::move(data));
+    }
+  }
   // Starts a created job: status running, then run() is entered at once and runs until it first
   // suspends. A job that never suspends is completed (and, with auto-dismiss, destroyed) before
   // start() returns.
-  void start(Job& job);
+  // `drained`: start as QEMU does inside a drained section (backup): the job parks at its first
+  // pause point and is resumed before start() returns, which shows as running, paused, running.
+  void start(Job& job, bool drained = false);
   // A job that was created but is not going to start (QEMU's job_early_fail): dismissed.
   void early_fail(Job& job);
 
@@ -178,6 +234,9 @@ class JobManager {
   Result<void> user_complete(Job& job);
   Result<void> finalize(Job& job);
   Result<void> dismiss(Job& job);
+  // block-job-set-speed: the set-speed verb check, then "Parameter 'speed' expects a non-negative
+  // value" when negative.
+  Result<void> set_speed(Job& job, int64_t speed);
 
   // Daemon shutdown: force-cancels every job and waits until their coroutines have finished and
   // they are concluded (jobs that need job-dismiss are dismissed).
@@ -190,6 +249,11 @@ class JobManager {
   void transition(Job& job, JobStatus to);
   aio::Task<void> run_job(Job* job);
   void completed(Job& job);
+  void txn_success(Job& job);
+  void txn_abort(Job& job);
+  // Finalizes the members of an aborting txn once none of them is still running.
+  void finish_txn_abort(const std::shared_ptr<JobTxn>& txn);
+  static bool is_completed(const Job& job);
   void update_rc(Job& job);
   void do_finalize(Job& job);
   void finalize_single(Job& job);
@@ -201,6 +265,7 @@ class JobManager {
 
   aio::EventLoop& loop_;
   std::function<void(const Job&)> on_status_change_;
+  EventSink event_sink_;
   std::vector<std::unique_ptr<Job>> jobs_;  // oldest first
   aio::TaskGroup running_;
 };

@@ -1,0 +1,136 @@
+#include "block/drivers/cbw/cbw_node.h"
+
+#include <array>
+
+#include "block/bitmap/dirty_bitmap.h"
+#include "block/io/request.h"
+
+namespace strata::block {
+
+namespace {
+constexpr std::array<std::string_view, 2> kOnCbwError = {"break-guest-write", "break-snapshot"};
+}  // namespace
+
+std::unique_ptr<DriverOptions> CbwNode::parse(ArgDecoder& d) {
+  auto options = std::make_unique<CbwOptions>();
+  if (auto file = parse_blockdev_ref(d, "file", true)) {
+    options->file = std::move(*file);
+  }
+  if (auto target = parse_blockdev_ref(d, "target", true)) {
+    options->target = std::move(*target);
+  }
+  if (auto bitmap = d.opt_object("bitmap")) {
+    options->bitmap_node = bitmap->str("node");
+    options->bitmap_name = bitmap->str("name");
+    (void)bitmap->finish();
+  }
+  options->break_snapshot =
+      d.opt_enum("on-cbw-error", kOnCbwError).value_or("break-guest-write") == "break-snapshot";
+  options->min_cluster_size = d.opt_size("min-cluster-size").value_or(0);
+  return options;
+}
+
+CbwNode::CbwNode(CommonOptions common, bool break_snapshot)
+    : Node(std::move(common)), break_snapshot_(break_snapshot) {}
+
+Result<std::shared_ptr<Node>> CbwNode::open(OpenContext& context, const BlockdevOptions& options) {
+  const auto& o = static_cast<const CbwOptions&>(*options.driver_options);
+  auto node = std::make_shared<CbwNode>(context.options(), o.break_snapshot);
+  auto file = context.attach(*node, o.file, "file", kRoleFiltered | kRolePrimary);
+  if (!file) {
+    return std::move(file).error();
+  }
+  auto target = context.attach(*node, o.target, "target", kRoleData);
+  if (!target) {
+    return std::move(target).error();
+  }
+  if (o.min_cluster_size != 0 && (o.min_cluster_size & (o.min_cluster_size - 1)) != 0) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Cannot create block-copy-state: min-cluster-size needs to be a power of 2");
+  }
+  Node& source = *(*file)->node();
+  Node& target_node = *(*target)->node();
+  copy::BlockCopyOptions copy_options;
+  copy_options.min_cluster_size = o.min_cluster_size;
+  // A target backed by the source (fleecing) must not be read while a copy is half written.
+  Child* target_backing = target_node.backing_child();
+  copy_options.serialise_target_writes =
+      target_backing != nullptr && target_backing->node() == &source;
+  auto block_copy = copy::BlockCopy::create(source, target_node, copy_options);
+  if (!block_copy) {
+    return std::move(block_copy).error();
+  }
+  node->block_copy_ = std::move(block_copy).value();
+  if (o.bitmap_node) {
+    Node* bitmap_node = context.graph().find(*o.bitmap_node);
+    if (bitmap_node == nullptr) {
+      return make_error(ErrorKind::kNotFound, "Cannot find device='" + *o.bitmap_node +
+                                                  "' nor node-name='" + *o.bitmap_node + "'");
+    }
+    bitmap::DirtyBitmap* bitmap = bitmap_node->dirty_bitmaps().find(*o.bitmap_name);
+    if (bitmap == nullptr) {
+      return make_error(ErrorKind::kNotFound, "Dirty bitmap '" + *o.bitmap_name + "' not found");
+    }
+    bitmap::DirtyBitmap& frozen = node->block_copy_->copy_bitmap();
+    frozen.clear();
+    frozen.merge_from(*bitmap);
+  }
+  node->limits_ = source.limits();
+  return std::shared_ptr<Node>(std::move(node));
+}
+
+void CbwNode::child_perm(const Child& child, uint64_t perm, uint64_t shared, uint64_t& child_perm,
+                         uint64_t& child_shared) const {
+  if ((child.role() & kRoleFiltered) == 0) {
+    child_perm = kPermWrite;
+    child_shared = kPermAll & ~kPermResize;
+    return;
+  }
+  Node::child_perm(child, perm, shared, child_perm, child_shared);
+  child_perm |= kPermConsistentRead;
+}
+
+aio::Task<Result<void>> CbwNode::copy_before_write(uint64_t offset, uint64_t bytes) {
+  if (snapshot_broken_) {
+    co_return ok();
+  }
+  Result<void> copied = co_await block_copy_->copy_range(offset, bytes);
+  if (copied || !break_snapshot_) {
+    co_return copied;
+  }
+  snapshot_broken_ = true;  // the guest write goes on; the frozen view is lost
+  co_return ok();
+}
+
+aio::Task<Result<void>> CbwNode::co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                           uint32_t flags) {
+  (void)bytes;
+  co_return co_await io::preadv(file(), offset, std::move(qiov), flags & kRequestNoSerialising);
+}
+
+aio::Task<Result<void>> CbwNode::co_pwritev(uint64_t offset, uint64_t bytes, IoVector qiov,
+                                            uint32_t flags) {
+  auto copied = co_await copy_before_write(offset, bytes);
+  if (!copied) {
+    co_return copied;
+  }
+  co_return co_await io::pwritev(file(), offset, std::move(qiov), flags);
+}
+
+aio::Task<Result<void>> CbwNode::co_pwrite_zeroes(uint64_t offset, uint64_t bytes, uint32_t flags) {
+  auto copied = co_await copy_before_write(offset, bytes);
+  if (!copied) {
+    co_return copied;
+  }
+  co_return co_await io::pwrite_zeroes(file(), offset, bytes, flags);
+}
+
+aio::Task<Result<void>> CbwNode::co_pdiscard(uint64_t offset, uint64_t bytes) {
+  auto copied = co_await copy_before_write(offset, bytes);
+  if (!copied) {
+    co_return copied;
+  }
+  co_return co_await io::pdiscard(file(), offset, bytes);
+}
+
+}  // namespace strata::block

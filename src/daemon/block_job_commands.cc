@@ -1,0 +1,122 @@
+// The legacy block-job-* commands (QEMU's blockdev.c qmp_block_job_*) and query-block-jobs: they
+// reach block jobs only (a `create` job is "not found"), by {device} (= job id) or, for
+// finalize/dismiss, {id}.
+
+#include "daemon/block_job_commands.h"
+
+#include "base/arg_decoder.h"
+#include "block/job/block_job.h"
+#include "daemon/daemon.h"
+
+namespace strata::daemon {
+
+namespace {
+
+using Reply = aio::Task<Result<nlohmann::json>>;
+using block::job::BlockJob;
+using block::job::Job;
+using block::job::JobManager;
+
+// QEMU's find_block_job_locked: DeviceNotActive "Block job 'x' not found".
+Result<BlockJob*> find_block_job(JobManager& jobs, const std::string& id) {
+  Job* job = jobs.find(id);
+  if (job == nullptr || !job->is_block_job()) {
+    return make_error(ErrorKind::kNotFound, "Block job '" + id + "' not found")
+        .with_qmp_class("DeviceNotActive");
+  }
+  return static_cast<BlockJob*>(job);
+}
+
+Result<nlohmann::json> empty_or_error(Result<void> result) {
+  if (!result) {
+    return std::move(result).error();
+  }
+  return nlohmann::json::object();
+}
+
+}  // namespace
+
+void register_block_job_commands(Daemon& daemon) {
+  qmp::CommandTable& commands = daemon.command_table();
+  JobManager& jobs = daemon.jobs();
+
+  commands.add("query-block-jobs", [&jobs](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+    ArgDecoder d(args);
+    auto decoded = d.finish();
+    if (!decoded) {
+      co_return std::move(decoded).error();
+    }
+    nlohmann::json list = nlohmann::json::array();
+    for (const Job* job : jobs.jobs()) {
+      if (job->is_block_job()) {
+        list.push_back(static_cast<const BlockJob*>(job)->block_info());
+      }
+    }
+    co_return list;
+  });
+
+  // The verbs that take {device} (or {id}) and nothing else.
+  struct Verb {
+    const char* name;
+    const char* key;
+    Result<void> (JobManager::*apply)(Job&);
+  };
+  const Verb kVerbs[] = {
+      {"block-job-pause", "device", &JobManager::user_pause},
+      {"block-job-resume", "device", &JobManager::user_resume},
+      {"block-job-complete", "device", &JobManager::user_complete},
+      {"block-job-finalize", "id", &JobManager::finalize},
+      {"block-job-dismiss", "id", &JobManager::dismiss},
+  };
+  for (const Verb& verb : kVerbs) {
+    commands.add(verb.name, [&jobs, verb](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+      ArgDecoder d(args);
+      std::string id = d.str(verb.key);
+      auto decoded = d.finish();
+      if (!decoded) {
+        co_return std::move(decoded).error();
+      }
+      auto job = find_block_job(jobs, id);
+      if (!job) {
+        co_return std::move(job).error();
+      }
+      co_return empty_or_error((jobs.*verb.apply)(**job));
+    });
+  }
+
+  commands.add("block-job-cancel", [&jobs](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+    ArgDecoder d(args);
+    std::string device = d.str("device");
+    bool force = d.opt_bool("force").value_or(false);
+    auto decoded = d.finish();
+    if (!decoded) {
+      co_return std::move(decoded).error();
+    }
+    auto job = find_block_job(jobs, device);
+    if (!job) {
+      co_return std::move(job).error();
+    }
+    if ((*job)->user_paused() && !force) {
+      co_return make_error(ErrorKind::kInvalidArgument,
+                           "The block job for device '" + device + "' is currently paused");
+    }
+    co_return empty_or_error(jobs.user_cancel(**job, force));
+  });
+
+  commands.add("block-job-set-speed", [&jobs](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+    ArgDecoder d(args);
+    std::string device = d.str("device");
+    int64_t speed = d.i64("speed");
+    auto decoded = d.finish();
+    if (!decoded) {
+      co_return std::move(decoded).error();
+    }
+    auto job = find_block_job(jobs, device);
+    if (!job) {
+      co_return std::move(job).error();
+    }
+    co_return empty_or_error(jobs.set_speed(**job, speed));
+  });
+}
+
+}  // namespace strata::daemon
