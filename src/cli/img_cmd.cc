@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "base/qemu_json.h"
+#include "block/drivers/nbd/nbd_uri.h"
 #include "block/info/image_info.h"
 #include "block/io/request.h"
 #include "cli/commands.h"
@@ -105,6 +106,9 @@ aio::Task<Result<ChainStatus>> chain_status(block::Node& top, uint64_t offset, u
 
 Result<void> create_raw_file(const std::string& filename, uint64_t size,
                              const std::string& preallocation) {
+  if (block::is_nbd_uri(filename)) {
+    return create_on_nbd_export(filename, size, preallocation);
+  }
   if (preallocation != "off" && preallocation != "falloc" && preallocation != "full") {
     return make_error(ErrorKind::kUnsupported,
                       filename + ": Unsupported preallocation mode: " + preallocation);

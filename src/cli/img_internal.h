@@ -86,5 +86,9 @@ int create_qcow2(const std::string& filename, const std::map<std::string, std::s
 // (off, falloc, full); allocates the first block like file-posix's create.
 Result<void> create_raw_file(const std::string& filename, uint64_t size,
                              const std::string& preallocation);
+// QEMU's create fallback for protocols that cannot create images (bdrv_co_create_opts_simple),
+// for NBD URIs: the export must exist and be at least `size` bytes; its first sector is zeroed.
+Result<void> create_on_nbd_export(const std::string& uri, uint64_t size,
+                                  const std::string& preallocation);
 
 }  // namespace strata::cli::img

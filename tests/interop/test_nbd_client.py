@@ -192,6 +192,32 @@ def test_convert_into_an_export_with_n(server, workdir):
         assert f.read() == open(src, "rb").read()
 
 
+def test_create_and_convert_onto_an_export_as_qemu(server, workdir):
+    """NBD cannot create images: create/convert without -n open the export instead (QEMU's
+    create fallback), refusing a size larger than the export."""
+    need_tool("qemu-img")
+    compare_errors(["create", "-f", "raw", server.uri, str(SIZE * 2)])
+    compare_errors(["create", "-f", "raw", "-o", "preallocation=full", server.uri, "1M"])
+    big = os.path.join(workdir, "big.raw")
+    with open(big, "wb") as f:
+        f.truncate(SIZE * 2)
+    compare_errors(["convert", "-O", "raw", big, server.uri])
+    r = strata("img", "create", "-f", "raw", server.uri, str(SIZE))
+    assert r.returncode == 0, r.stderr
+    with open(server.image, "rb") as f:
+        assert f.read(512) == bytes(512)
+    src = os.path.join(workdir, "src.raw")
+    with open(src, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(1 << 20)
+        f.write(b"\x5b" * 65536)
+    r = strata("img", "convert", "-O", "raw", src, server.uri)
+    assert r.returncode == 0, r.stderr
+    with open(server.image, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(65536) == b"\x5b" * 65536
+
+
 def test_info_equals_qemu_img_info(server):
     need_tool("qemu-img")
     ours = strata("img", "info", "--output=json", server.uri)
