@@ -35,7 +35,8 @@ def test_fio_verify_with_four_clients(daemon):
     r = subprocess.run(["fio", "--name=v", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
                         "--bs=4k", "--iodepth=16", "--numjobs=4", "--size=16M",
                         "--offset_increment=16M", "--verify=crc32c", "--verify_fatal=1",
-                        "--output-format=json"], capture_output=True, text=True, timeout=300)
+                        "--output-format=json"], capture_output=True, text=True, timeout=300,
+                       cwd=d.dir)  # fio leaves its verify state files in the working directory
     assert r.returncode == 0, r.stderr
     assert d.qmp.ok("query-block-exports")[0]["id"] == "e0"
 
