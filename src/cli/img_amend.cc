@@ -69,15 +69,14 @@ int amend_main(int argc, char** argv) {
       case kOptForce:
         break;  // only matters for encryption changes, which strata does not support
       case kOptObject:
-        report("--object is not supported by strata img");
-        return 1;
+        return object_unsupported();
       case kOptImageOpts:
         image_opts = true;
         break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (option_texts.empty()) {

@@ -32,49 +32,14 @@ constexpr const char kBenchUsage[] =
     "        [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-n] [-U] [-q]\n"
     "        [-w [--pattern PATTERN] [--flush-interval INTERVAL [--no-drain]]] FILENAME\n";
 
-// QEMU's cvtnum_full / qemu_strtoi range errors: "Invalid <what> specified: '<text>'." for text
-// that is not a number, "Invalid <what> specified. Must be between <min> and <max>." otherwise.
-bool parse_number(const char* text, const char* what, bool suffixes, int64_t min, int64_t max,
-                  int64_t& out) {
-  int64_t value = 0;
-  bool parsed = false;
-  bool in_range = true;
-  if (suffixes) {
-    if (text[0] == '-') {
-      char* end = nullptr;
-      errno = 0;
-      const long long negative = std::strtoll(text, &end, 0);
-      parsed = end != text && *end == '\0' && errno == 0;
-      value = negative;
-    } else {
-      Result<uint64_t> size = parse_size(text);
-      parsed = static_cast<bool>(size) || size.error().errno_value() == ERANGE;
-      if (size) {
-        in_range = *size <= static_cast<uint64_t>(INT64_MAX);
-        value = in_range ? static_cast<int64_t>(*size) : 0;
-      } else {
-        in_range = false;
-      }
-    }
-  } else {
-    char* end = nullptr;
-    errno = 0;
-    const long long number = std::strtoll(text, &end, 0);
-    parsed = end != text && *end == '\0';
-    in_range = errno != ERANGE;
-    value = number;
+// parse_number into `out`; false after a report.
+bool parse_into(const char* text, const char* what, bool suffixes, int64_t min, int64_t max,
+                int64_t& out) {
+  const std::optional<int64_t> value = parse_number(text, what, suffixes, min, max);
+  if (value) {
+    out = *value;
   }
-  if (!parsed) {
-    report(std::string("Invalid ") + what + " specified: '" + text + "'.");
-    return false;
-  }
-  if (!in_range || value < min || value > max) {
-    report(std::string("Invalid ") + what + " specified. Must be between " + std::to_string(min) +
-           " and " + std::to_string(max) + ".");
-    return false;
-  }
-  out = value;
-  return true;
+  return value.has_value();
 }
 
 // The request loop of qemu-img bench (bench_cb), run by one coroutine: requests report their
@@ -242,12 +207,12 @@ int bench_main(int argc, char** argv) {
         std::printf("%s", kBenchUsage);
         return 0;
       case 'c':
-        if (!parse_number(optarg, "request count", false, 1, INT_MAX, count)) {
+        if (!parse_into(optarg, "request count", false, 1, INT_MAX, count)) {
           return 1;
         }
         break;
       case 'd':
-        if (!parse_number(optarg, "queue depth", false, 1, INT_MAX, depth)) {
+        if (!parse_into(optarg, "queue depth", false, 1, INT_MAX, depth)) {
           return 1;
         }
         break;
@@ -267,19 +232,19 @@ int bench_main(int argc, char** argv) {
         break;
       }
       case 'o':
-        if (!parse_number(optarg, "offset", true, 0, INT64_MAX, offset)) {
+        if (!parse_into(optarg, "offset", true, 0, INT64_MAX, offset)) {
           return 1;
         }
         break;
       case 'q':
         break;  // qemu-img bench prints its lines regardless
       case 's':
-        if (!parse_number(optarg, "buffer size", true, 1, INT_MAX, bufsize)) {
+        if (!parse_into(optarg, "buffer size", true, 1, INT_MAX, bufsize)) {
           return 1;
         }
         break;
       case 'S':
-        if (!parse_number(optarg, "step size", true, 0, INT_MAX, step)) {
+        if (!parse_into(optarg, "step size", true, 0, INT_MAX, step)) {
           return 1;
         }
         break;
@@ -296,12 +261,12 @@ int bench_main(int argc, char** argv) {
         request.force_share = true;
         break;
       case kOptPattern:
-        if (!parse_number(optarg, "pattern byte", false, 0, 0xff, pattern)) {
+        if (!parse_into(optarg, "pattern byte", false, 0, 0xff, pattern)) {
           return 1;
         }
         break;
       case kOptFlushInterval:
-        if (!parse_number(optarg, "flush interval", false, 0, INT_MAX, flush_interval)) {
+        if (!parse_into(optarg, "flush interval", false, 0, INT_MAX, flush_interval)) {
           return 1;
         }
         break;
@@ -312,12 +277,11 @@ int bench_main(int argc, char** argv) {
         image_opts = true;
         break;
       case kOptObject:
-        report("--object is not supported by strata img");
-        return 1;
+        return object_unsupported();
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (optind != argc - 1) {

@@ -96,7 +96,9 @@ uint32_t default_granularity(const block::Node& node) {
   return static_cast<uint32_t>(std::min<uint64_t>(65536, std::max<uint64_t>(4096, *cluster)));
 }
 
-Result<void> add_bitmap(block::Node& node, const std::string& name, uint32_t granularity) {
+}  // namespace
+
+Result<void> can_add_bitmap(block::Node& node, const std::string& name, uint32_t granularity) {
   if (granularity == 0) {
     granularity = default_granularity(node);
   }
@@ -110,12 +112,21 @@ Result<void> add_bitmap(block::Node& node, const std::string& name, uint32_t gra
                  "Can't store persistent bitmaps to " + node.name() + ": Operation not supported",
                  ENOTSUP);
   }
-  Result<void> storable = store->can_store_new_bitmap(name, granularity);
-  if (!storable) {
-    return storable;
+  return store->can_store_new_bitmap(name, granularity);
+}
+
+Result<void> add_bitmap(block::Node& node, const std::string& name, uint32_t granularity,
+                        bool disabled) {
+  Result<void> possible = can_add_bitmap(node, name, granularity);
+  if (!possible) {
+    return possible;
+  }
+  if (granularity == 0) {
+    granularity = default_granularity(node);
   }
   auto bitmap = std::make_unique<block::bitmap::DirtyBitmap>(name, node.length(), granularity);
   bitmap->set_persistent(true);
+  bitmap->set_enabled(!disabled);
   node.dirty_bitmaps().add(std::move(bitmap));
   return ok();
 }
@@ -171,11 +182,13 @@ Result<void> merge_bitmap(block::Node& node, const std::string& name, block::Nod
   return ok();
 }
 
+namespace {
+
 Result<void> run_action(BlockSession& session, block::Node& node, block::Node& source_node,
                         const Action& action, const std::string& name, uint32_t granularity) {
   switch (action.operation) {
     case Operation::kAdd:
-      return add_bitmap(node, name, granularity);
+      return add_bitmap(node, name, granularity, false);
     case Operation::kRemove:
       return remove_bitmap(session, node, name);
     case Operation::kClear:
@@ -295,15 +308,14 @@ int bitmap_main(int argc, char** argv) {
         merge = true;
         break;
       case kOptObject:
-        report("--object is not supported by strata img");
-        return 1;
+        return object_unsupported();
       case kOptImageOpts:
         image_opts = true;
         break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (actions.empty()) {

@@ -130,12 +130,11 @@ int check_main(int argc, char** argv) {
         image_opts = true;
         break;
       case kOptObject:
-        report("--object is not supported by strata img");
-        return 1;
+        return object_unsupported();
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (optind != argc - 1) {

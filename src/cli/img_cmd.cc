@@ -284,7 +284,7 @@ int info_main(int argc, char** argv) {
       case ':':
         return error_exit(std::string("argument --") + " requires a value");
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (optind != argc - 1) {

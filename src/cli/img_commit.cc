@@ -170,15 +170,14 @@ int commit_main(int argc, char** argv) {
         break;  // commit runs unthrottled
       }
       case kOptObject:
-        report("--object is not supported by strata img");
-        return 1;
+        return object_unsupported();
       case kOptImageOpts:
         image_opts = true;
         break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (quiet) {

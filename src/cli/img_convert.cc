@@ -2,7 +2,10 @@
 // at most 2 MiB per request), sparse detection (-S), parallel requests (-m), in-order writes unless
 // -W, compressed output (-c: whole clusters written with kRequestWriteCompressed, which qcow2
 // compresses on every core), target creation with -o options, backing files (-B/-F: only what the
-// source's top layer allocates is copied) and existing targets (-n, --target-is-zero).
+// source's top layer allocates is copied) and existing targets (-n, --target-is-zero). Several
+// sources are concatenated; -l reads an internal snapshot, --salvage zeroes unreadable sectors,
+// -C offloads raw->raw copies to copy_file_range, -r throttles target writes and --bitmaps
+// copies persistent bitmaps afterwards (img_convert_bitmaps.cc).
 
 #include <getopt.h>
 #include <sys/stat.h>
@@ -16,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "aio/sync.h"
@@ -23,12 +27,13 @@
 #include "block/io/request.h"
 #include "cli/img_convert_mapped_source.h"
 #include "cli/img_internal.h"
+#include "cli/img_rate_limit.h"
 
 namespace strata::cli::img {
 
 namespace {
 
-enum { kOptImageOpts = 256, kOptTargetIsZero };
+enum { kOptImageOpts = 256, kOptTargetIsZero, kOptBitmaps, kOptSkipBrokenBitmaps, kOptSalvage };
 constexpr uint64_t kSectorSize = 512;
 constexpr uint64_t kBufferBytes = 2 << 20;
 
@@ -43,10 +48,24 @@ struct Chunk {
   uint64_t file_offset = 0;
 };
 
+// One source image; several are concatenated (qemu-img's src[] and src_sectors[]).
+struct SourcePart {
+  block::Node* node = nullptr;
+  uint64_t start = 0;  // where its bytes begin in the concatenation
+  uint64_t length = 0;
+};
+
 struct ConvertState {
-  block::Node* source = nullptr;
+  std::vector<SourcePart> sources;
   block::Node* target = nullptr;
   uint64_t total = 0;
+  // --salvage: unreadable sectors become zeroes (with a warning unless `quiet`), block-status
+  // errors are retried on shorter ranges down to a sector that is then read as data.
+  bool salvage = false;
+  bool quiet = false;
+  // -C: data chunks are copied with copy_file_range until that fails once.
+  bool copy_range = false;
+  std::unique_ptr<WriteRateLimit> rate_limit;  // -r
   // -c: data goes out in whole target clusters with kRequestWriteCompressed; chunks start and end
   // on cluster boundaries (or at the end of the image).
   bool compressed = false;
@@ -179,75 +198,158 @@ void print_progress(ConvertState& s, bool force) {
   }
 }
 
+// The source part holding byte `offset` of the concatenation (qemu-img's convert_select_part).
+const SourcePart& part_at(const ConvertState& s, uint64_t offset) {
+  for (const SourcePart& part : s.sources) {
+    if (offset - part.start < part.length) {
+      return part;
+    }
+  }
+  return s.sources.back();
+}
+
+void warn(const ConvertState& s, const std::string& message) {
+  if (!s.quiet) {
+    report("warning: " + message);
+  }
+}
+
+// qemu-img's convert_co_read: reads across parts; with --salvage a failed read is retried a
+// sector at a time and sectors that still fail read as zeroes.
+aio::Task<Result<void>> read_sources(ConvertState& s, uint64_t offset, uint8_t* buffer,
+                                     uint64_t bytes) {
+  uint64_t single_read_until = 0;
+  while (bytes > 0) {
+    const SourcePart& part = part_at(s, offset);
+    const uint64_t local = offset - part.start;
+    uint64_t n = std::min(bytes, part.length - local);
+    if (single_read_until > offset) {
+      n = std::min(n, kSectorSize);
+    }
+    Result<void> read = co_await block::io::pread(*part.node, local, buffer, n);
+    if (!read) {
+      if (!s.salvage) {
+        co_return read;
+      }
+      if (n > kSectorSize) {
+        single_read_until = offset + n;
+        continue;
+      }
+      warn(s,
+           "error while reading offset " + std::to_string(local) + ": " + errno_text(read.error()));
+      std::memset(buffer, 0, n);
+    }
+    offset += n;
+    bytes -= n;
+    buffer += n;
+  }
+  co_return ok();
+}
+
+aio::Task<Result<void>> target_pwrite(ConvertState& s, uint64_t offset, const uint8_t* data,
+                                      uint64_t bytes, uint32_t flags) {
+  co_await s.rate_limit->admit(bytes);
+  Result<void> written = co_await block::io::pwrite(*s.target, offset, data, bytes, flags);
+  co_return written;
+}
+
 aio::Task<Result<void>> write_zero_range(ConvertState& s, uint64_t offset, uint64_t bytes) {
   if (s.has_zero_init) {
     co_return ok();
   }
+  co_await s.rate_limit->admit(bytes);
   uint32_t flags = s.min_sparse > 0 ? static_cast<uint32_t>(block::kRequestMayUnmap) : 0u;
   Result<void> r = co_await block::io::pwrite_zeroes(*s.target, offset, bytes, flags);
   co_return r;
 }
 
+// The status of `bytes` at `local` in `part`: with a backing file on the target only the top
+// layer counts, otherwise the whole backing chain. A data chunk also says where its bytes lie
+// unchanged in a file, when they do.
+aio::Task<Result<Chunk>> source_status(ConvertState& s, const SourcePart& part, uint64_t local,
+                                       uint64_t bytes) {
+  Chunk chunk;
+  if (s.target_has_backing) {
+    Result<block::BlockStatus> status = co_await block::io::block_status(*part.node, local, bytes);
+    if (!status) {
+      co_return std::move(status).error();
+    }
+    chunk.kind = ChunkKind::kBackingFile;
+    if (status->flags & block::BlockStatus::kZero) {
+      // Zeroes past the end of the target's backing file are there already.
+      chunk.kind = local >= s.target_backing_length ? ChunkKind::kBackingFile : ChunkKind::kZero;
+    } else if (status->flags & block::BlockStatus::kData) {
+      chunk.kind = ChunkKind::kData;
+      if ((status->flags & block::BlockStatus::kOffsetValid) != 0 &&
+          (status->flags & block::BlockStatus::kCompressed) == 0) {
+        chunk.file = status->file;
+        chunk.file_offset = status->map_offset;
+      }
+    }
+    chunk.bytes = std::min(status->bytes, bytes);
+    co_return chunk;
+  }
+  Result<ChainStatus> status = co_await chain_status(*part.node, local, bytes);
+  if (!status) {
+    co_return std::move(status).error();
+  }
+  chunk.kind = status->zero ? ChunkKind::kZero : ChunkKind::kData;
+  chunk.bytes = std::min(status->bytes, bytes);
+  if (status->data && !status->zero && status->has_offset && !status->compressed) {
+    chunk.file = status->file;
+    chunk.file_offset = status->offset;
+  }
+  co_return chunk;
+}
+
 // The kind and length of the chunk at `offset` (at most kBufferBytes): qemu-img's
 // convert_iteration_sectors. With a backing file on the target only the top layer counts.
 aio::Task<Result<Chunk>> next_chunk(ConvertState& s, uint64_t offset) {
-  const uint64_t limit = std::min(kBufferBytes, s.total - offset);
-  ChunkKind kind = ChunkKind::kData;
-  uint64_t bytes = 0;
-  block::Node* file = nullptr;
-  uint64_t file_offset = 0;
-  if (s.target_has_backing) {
-    Result<block::BlockStatus> status = co_await block::io::block_status(*s.source, offset, limit);
-    if (!status) {
+  const SourcePart& part = part_at(s, offset);
+  const uint64_t local = offset - part.start;
+  const uint64_t limit = std::min(kBufferBytes, part.start + part.length - offset);
+  Chunk chunk;
+  uint64_t probe = limit;
+  for (;;) {
+    Result<Chunk> status = co_await source_status(s, part, local, probe);
+    if (status) {
+      chunk = *status;
+      break;
+    }
+    if (!s.salvage) {
       co_return std::move(status).error();
     }
-    bytes = std::min(status->bytes, limit);
-    if (status->flags & block::BlockStatus::kZero) {
-      // Zeroes past the end of the target's backing file are there already.
-      kind = offset >= s.target_backing_length ? ChunkKind::kBackingFile : ChunkKind::kZero;
-    } else if (status->flags & block::BlockStatus::kData) {
-      kind = ChunkKind::kData;
-      if ((status->flags & block::BlockStatus::kOffsetValid) != 0 &&
-          (status->flags & block::BlockStatus::kCompressed) == 0) {
-        file = status->file;
-        file_offset = status->map_offset;
-      }
-    } else {
-      kind = ChunkKind::kBackingFile;
+    if (probe <= kSectorSize) {
+      // Just try to read the data, then.
+      warn(s, "error while reading block status at offset " + std::to_string(local) + ": " +
+                  errno_text(status.error()));
+      chunk = Chunk{ChunkKind::kData, probe, nullptr, 0};
+      break;
     }
-  } else {
-    Result<ChainStatus> status = co_await chain_status(*s.source, offset, limit);
-    if (!status) {
-      co_return std::move(status).error();
-    }
-    bytes = std::min(status->bytes, limit);
-    kind = status->zero ? ChunkKind::kZero : ChunkKind::kData;
-    if (status->data && !status->zero && status->has_offset && !status->compressed) {
-      file = status->file;
-      file_offset = status->offset;
-    }
+    probe = (probe / kSectorSize + 3) / 4 * kSectorSize;  // retry on a shorter range
   }
-  const uint64_t mapped_bytes = bytes;
-  if (kind == ChunkKind::kZero && s.min_sparse == 0) {
-    kind = ChunkKind::kData;  // -S 0: the target is fully allocated
+  const uint64_t mapped_bytes = chunk.bytes;
+  if (chunk.kind == ChunkKind::kZero && s.min_sparse == 0) {
+    chunk.kind = ChunkKind::kData;  // -S 0: the target is fully allocated
   }
   if (s.compressed) {
     // Whole clusters: a zero or backing run keeps its whole clusters, anything shorter than a
     // cluster is read and written as data (its zero clusters are still detected and skipped).
     const uint64_t cs = s.cluster_size;
-    const uint64_t end = offset + bytes;
-    if (kind != ChunkKind::kData && end - end % cs > offset) {
-      bytes = end == s.total ? bytes : end - end % cs - offset;
+    const uint64_t end = offset + chunk.bytes;
+    if (chunk.kind != ChunkKind::kData && end - end % cs > offset) {
+      chunk.bytes = end == s.total ? chunk.bytes : end - end % cs - offset;
     } else {
-      kind = ChunkKind::kData;
-      bytes = std::min((end + cs - 1) / cs * cs, s.total) - offset;
-      bytes = std::min(bytes, limit);
+      chunk.kind = ChunkKind::kData;
+      chunk.bytes = std::min((end + cs - 1) / cs * cs, s.total) - offset;
+      // A cluster may span source parts (read_sources crosses them).
+      chunk.bytes = std::min(chunk.bytes, std::min(kBufferBytes, s.total - offset));
     }
   }
-  if (kind != ChunkKind::kData || bytes > mapped_bytes) {
-    file = nullptr;  // -c may round a chunk out past the run block status described
+  if (chunk.kind != ChunkKind::kData || chunk.bytes > mapped_bytes) {
+    chunk.file = nullptr;  // -c may round a chunk out past the run block status described
   }
-  co_return Chunk{kind, bytes, file, file_offset};
+  co_return chunk;
 }
 
 // One write of a chunk: data (with its request flags) or a zero run, which is left to the
@@ -322,13 +424,28 @@ aio::Task<void> write_piece(ConvertState& s, Piece piece, const uint8_t* data,
   // (if/else, not ?: — GCC 12 miscompiles co_await in both arms of a conditional.)
   Result<void> written;
   if (piece.data) {
-    written = co_await block::io::pwrite(*s.target, piece.offset, data, piece.bytes, piece.flags);
+    written = co_await target_pwrite(s, piece.offset, data, piece.bytes, piece.flags);
   } else {
     written = co_await write_zero_range(s, piece.offset, piece.bytes);
   }
   if (!written && result.ok()) {
     result = std::move(written);
   }
+}
+
+// qemu-img's convert_co_copy_range over the parts `bytes` at `offset` spans.
+bool copy_range_chunk(ConvertState& s, uint64_t offset, uint64_t bytes) {
+  while (bytes > 0) {
+    const SourcePart& part = part_at(s, offset);
+    const uint64_t local = offset - part.start;
+    const uint64_t n = std::min(bytes, part.length - local);
+    if (!copy_file_range_between(*part.node, local, *s.target, offset, n)) {
+      return false;
+    }
+    offset += n;
+    bytes -= n;
+  }
+  return true;
 }
 
 aio::Task<void> worker(ConvertState& s) {
@@ -352,32 +469,51 @@ aio::Task<void> worker(ConvertState& s) {
     s.next_offset = offset + bytes;
     s.allocate_lock.unlock();
 
+    // -C: data is copied at its turn to write; reading happens only when that fails.
+    bool offloaded = false;
+    const bool try_offload = s.copy_range && kind == ChunkKind::kData;
     const uint8_t* data = buffer.data();
-    if (kind == ChunkKind::kData && s.mapped_source != nullptr && chunk->file != nullptr) {
+    if (kind == ChunkKind::kData && !try_offload && s.mapped_source != nullptr &&
+        chunk->file != nullptr) {
       const uint8_t* in_place = s.mapped_source->view(*chunk->file, chunk->file_offset, bytes);
       if (in_place != nullptr) {
         data = in_place;
       }
     }
-    if (kind == ChunkKind::kData && data == buffer.data()) {
-      Result<void> read = co_await block::io::pread(*s.source, offset, buffer.data(), bytes);
+    if (kind == ChunkKind::kData && !try_offload && data == buffer.data()) {
+      Result<void> read = co_await read_sources(s, offset, buffer.data(), bytes);
       if (!read) {
         s.error = "error while reading at byte " + std::to_string(offset) + ": " +
                   errno_text(read.error());
         break;
       }
     }
-    std::vector<Piece> pieces;
-    if (kind == ChunkKind::kData) {
-      pieces = plan_data_chunk(s, offset, data, bytes);
-    } else if (kind == ChunkKind::kZero) {
-      pieces.push_back(Piece{offset, bytes, false, 0});
-    }
     while (s.in_order && s.write_offset != offset && !s.error) {
       co_await s.write_turn.wait();
     }
     if (s.error) {
       break;
+    }
+    if (try_offload) {
+      offloaded = copy_range_chunk(s, offset, bytes);
+      if (!offloaded) {
+        s.copy_range = false;  // qemu-img falls back for good after a failed offload
+        Result<void> read = co_await read_sources(s, offset, buffer.data(), bytes);
+        if (!read) {
+          s.error = "error while reading at byte " + std::to_string(offset) + ": " +
+                    errno_text(read.error());
+          s.write_turn.notify_all();
+          break;
+        }
+      }
+    }
+    std::vector<Piece> pieces;
+    if (offloaded) {
+      // already written
+    } else if (kind == ChunkKind::kData) {
+      pieces = plan_data_chunk(s, offset, data, bytes);
+    } else if (kind == ChunkKind::kZero) {
+      pieces.push_back(Piece{offset, bytes, false, 0});
     }
     // In order means issued in order: each piece runs until its first suspension inside spawn
     // (the target allocates its clusters in that order), and the next chunk may start issuing
@@ -449,6 +585,9 @@ int convert_main(int argc, char** argv) {
       {"image-opts", no_argument, nullptr, kOptImageOpts},
       {"force-share", no_argument, nullptr, 'U'},
       {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},
+      {"bitmaps", no_argument, nullptr, kOptBitmaps},
+      {"skip-broken-bitmaps", no_argument, nullptr, kOptSkipBrokenBitmaps},
+      {"salvage", no_argument, nullptr, kOptSalvage},
       {nullptr, 0, nullptr, 0},
   };
   ImageOpenRequest source;
@@ -461,18 +600,25 @@ int convert_main(int argc, char** argv) {
   bool image_opts = false;
   bool target_is_zero = false;
   int coroutines = 8;
+  bool bitmaps = false;
+  bool skip_broken_bitmaps = false;
+  bool explicit_min_sparse = false;
+  uint64_t rate_limit = 0;
+  std::optional<SnapshotSelector> snapshot;
   std::string target_cache = "unsafe";
   ConvertState state;
   optind = 1;
   int c = 0;
-  while ((c = getopt_long(argc, argv, ":hf:O:B:F:Cco:l:s:S:pt:T:qnm:WrU", kLongOptions, nullptr)) !=
+  while ((c = getopt_long(argc, argv, ":hf:O:B:F:Cco:l:S:pt:T:qnm:Wr:U", kLongOptions, nullptr)) !=
          -1) {
     switch (c) {
       case 'h':
         std::printf(
             "usage: strata img convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-B BACKING "
             "[-F FMT]] [-n [--target-is-zero]] [-S SIZE] [-p] [-q] [-m N] [-W] [-t CACHE] "
-            "[-T CACHE] [-U] [--image-opts] SOURCE TARGET\n");
+            "[-T CACHE] [-U] [-l SNAPSHOT_PARAM] [-C] [-r RATE] [--salvage] "
+            "[--bitmaps [--skip-broken-bitmaps]] [--image-opts] SOURCE [SOURCE2...] "
+            "TARGET\n");
         return 0;
       case 'f':
         source.format = optarg;
@@ -533,6 +679,7 @@ int convert_main(int argc, char** argv) {
           return 1;
         }
         state.min_sparse = *value / kSectorSize;
+        explicit_min_sparse = true;
         break;
       }
       case 'm': {
@@ -557,27 +704,59 @@ int convert_main(int argc, char** argv) {
         target_is_zero = true;
         break;
       case 'l':
-      case 's':
+        snapshot = parse_snapshot_param(optarg);
+        if (!snapshot) {
+          return 1;
+        }
+        break;
       case 'C':
-      case 'r':
-        report(std::string("option -") + static_cast<char>(c) +
-               " is not supported by strata img convert yet");
-        return 1;
+        state.copy_range = true;
+        break;
+      case 'r': {
+        auto value = parse_number(optarg, "rate limit", true, 0, INT64_MAX);
+        if (!value) {
+          return 1;
+        }
+        rate_limit = static_cast<uint64_t>(*value);
+        break;
+      }
+      case kOptBitmaps:
+        bitmaps = true;
+        break;
+      case kOptSkipBrokenBitmaps:
+        skip_broken_bitmaps = true;
+        break;
+      case kOptSalvage:
+        state.salvage = true;
+        break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
+  }
+  if (skip_broken_bitmaps && !bitmaps) {
+    report("Use of --skip-broken-bitmaps requires --bitmaps");
+    return 1;
+  }
+  if (state.compressed && state.copy_range) {
+    report("Cannot enable copy offloading when -c is used");
+    return 1;
+  }
+  if (explicit_min_sparse && state.copy_range) {
+    report("Cannot enable copy offloading when -S is used");
+    return 1;
+  }
+  if (state.copy_range && state.salvage) {
+    report("Cannot use copy offloading in salvaging mode");
+    return 1;
   }
   if (quiet) {
     state.progress = false;
   }
+  state.quiet = quiet;
   if (argc - optind < 2) {
     report("Must specify image file name");
-    return 1;
-  }
-  if (argc - optind > 2) {
-    report("Converting more than one source image is not supported by strata img yet");
     return 1;
   }
   if (output_format != "raw" && output_format != "qcow2") {
@@ -629,25 +808,53 @@ int convert_main(int argc, char** argv) {
     report("Compression not supported for this file format");
     return 1;
   }
-  std::string source_name = argv[optind];
-  std::string target_name = argv[optind + 1];
-  if (image_opts) {
-    source.image_opts = source_name;
-  } else {
-    source.filename = source_name;
-  }
+  const std::vector<std::string> source_names(argv + optind, argv + argc - 1);
+  std::string target_name = argv[argc - 1];
   auto session = BlockSession::create();
   if (!session) {
     report(session.error().message());
     return 1;
   }
-  auto opened = (*session)->open(source);
-  if (!opened) {
-    report("Could not open '" + source_name + "': " + opened.error().message());
+  for (const std::string& source_name : source_names) {
+    if (image_opts) {
+      source.image_opts = source_name;
+    } else {
+      source.filename = source_name;
+    }
+    auto opened = (*session)->open(source);
+    if (!opened) {
+      report("Could not open '" + source_name + "': " + opened.error().message());
+      return 1;
+    }
+    state.sources.push_back({*opened, state.total, (*opened)->length()});
+    state.total += (*opened)->length();
+  }
+  if (snapshot) {
+    if (snapshot->id_or_name && source_names.size() > 1) {
+      report("No support for concatenating multiple snapshot");
+      return 1;
+    }
+    Result<void> loaded = load_snapshot(**session, *state.sources[0].node, *snapshot);
+    if (!loaded) {
+      report("Failed to load snapshot: " + loaded.error().message());
+      return 1;
+    }
+  }
+  if (source_names.size() > 1 && create_options.count("backing_file") != 0) {
+    report(
+        "Having a backing file for the target makes no sense when concatenating multiple input "
+        "images");
     return 1;
   }
-  state.source = *opened;
-  state.total = state.source->length();
+  if (bitmaps) {
+    if (source_names.size() > 1) {
+      report("Copying bitmaps only possible with single source");
+      return 1;
+    }
+    if (!check_bitmaps_copyable(*state.sources[0].node, skip_broken_bitmaps)) {
+      return 1;
+    }
+  }
   if (!skip_create) {
     if (output_format == "qcow2") {
       create_options.erase("size");  // the target gets the source's size
@@ -662,12 +869,7 @@ int convert_main(int argc, char** argv) {
       auto created = create_raw_file(target_name, state.total,
                                      prealloc == create_options.end() ? "off" : prealloc->second);
       if (!created) {
-        // NBD targets' create errors already name the target (img create prints them alone).
-        std::string message = created.error().message();
-        if (message.rfind(target_name + ": ", 0) == 0) {
-          message.erase(0, target_name.size() + 2);
-        }
-        report(target_name + ": error while converting raw: " + message);
+        report(target_name + ": error while converting raw: " + created.error().message());
         return 1;
       }
     }
@@ -685,6 +887,12 @@ int convert_main(int argc, char** argv) {
     return 1;
   }
   state.target = *target_node;
+  if (bitmaps && !supports_persistent_bitmaps(*state.target)) {
+    report(std::string("Format driver '") + state.target->format_name() +
+           "' does not support bitmaps");
+    return 1;
+  }
+  state.rate_limit = std::make_unique<WriteRateLimit>((*session)->loop(), rate_limit);
   if (skip_create && state.target->length() < state.total) {
     report("Error: target is smaller than source");  // checked before any write
     return 1;
@@ -715,7 +923,10 @@ int convert_main(int argc, char** argv) {
   state.alignment = std::max(pow2floor(std::max<uint64_t>(state.min_sparse, 1)), request_sectors);
   // With -U another process may be writing the source, and a mapping of a file that shrinks
   // under it faults (SIGBUS) where a read only comes back short: read through the block layer.
-  if (!source.force_share && MappedSource::graph_allows(*state.source)) {
+  const bool sources_mappable =
+      std::all_of(state.sources.begin(), state.sources.end(),
+                  [](const SourcePart& part) { return MappedSource::graph_allows(*part.node); });
+  if (!source.force_share && sources_mappable) {
     state.mapped_source = std::make_unique<MappedSource>();
   }
   print_progress(state, true);
@@ -725,6 +936,10 @@ int convert_main(int argc, char** argv) {
       std::printf("\n");
     }
     report(*state.error);
+    return 1;
+  }
+  if (bitmaps &&
+      !copy_bitmaps(**session, *state.sources[0].node, *state.target, skip_broken_bitmaps)) {
     return 1;
   }
   if (state.progress) {

@@ -361,9 +361,9 @@ int create_main(int argc, char** argv) {
         unsafe = true;
         break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (optind >= argc) {

@@ -165,7 +165,7 @@ int map_main(int argc, char** argv) {
         break;
       }
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (optind != argc - 1) {

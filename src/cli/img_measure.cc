@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "block/bitmap/dirty_bitmap.h"
+#include "block/drivers/qcow2/bitmaps.h"
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "cli/img_internal.h"
@@ -179,6 +181,24 @@ void print_measure(bool json, uint64_t required, uint64_t fully_allocated,
   }
 }
 
+// QEMU's qcow2_get_persistent_dirty_bitmap_size: every persistent bitmap fully allocated in
+// clusters of `cluster_size`, its table, and the directory.
+uint64_t persistent_bitmaps_size(block::Node& node, uint64_t cluster_size) {
+  uint64_t total = 0;
+  uint64_t directory = 0;
+  for (const auto& bitmap : node.dirty_bitmaps().bitmaps()) {
+    if (!bitmap->persistent()) {
+      continue;
+    }
+    const uint64_t bits = div_round_up(bitmap->size(), bitmap->granularity());
+    const uint64_t clusters = div_round_up(div_round_up(bits, 8), cluster_size);
+    total += clusters * cluster_size;
+    total += round_up(clusters * 8, cluster_size);
+    directory += block::qcow2::bitmap_directory_entry_size(bitmap->name().size());
+  }
+  return total + round_up(directory, cluster_size);
+}
+
 }  // namespace
 
 int measure_main(int argc, char** argv) {
@@ -196,10 +216,11 @@ int measure_main(int argc, char** argv) {
   std::string output = "human";
   std::vector<std::string> option_strings;
   std::optional<uint64_t> size;
+  std::optional<SnapshotSelector> snapshot;
   bool image_opts = false;
   optind = 1;
   int c = 0;
-  while ((c = getopt_long(argc, argv, ":hf:O:o:l:s:U", kLongOptions, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, ":hf:O:o:l:U", kLongOptions, nullptr)) != -1) {
     switch (c) {
       case 'h':
         std::printf(
@@ -234,15 +255,19 @@ int measure_main(int argc, char** argv) {
         break;
       }
       case 'l':
-      case 's':
+        snapshot = parse_snapshot_param(optarg);
+        if (!snapshot) {
+          return 1;
+        }
+        break;
       case kOptObject:
         report(std::string("option ") + argv[optind - 1] +
                " is not supported by strata img measure yet");
         return 1;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (output != "human" && output != "json") {
@@ -308,6 +333,13 @@ int measure_main(int argc, char** argv) {
     if (!image) {
       return 1;
     }
+    if (snapshot) {
+      Result<void> loaded = load_snapshot(*image->session, *image->node, *snapshot);
+      if (!loaded) {
+        report("Failed to load snapshot: " + loaded.error().message());
+        return 1;
+      }
+    }
   }
   const bool json = output == "json";
   if (output_format == "raw") {
@@ -337,15 +369,9 @@ int measure_main(int argc, char** argv) {
       }
       required = *data;
     }
-    // qcow2 sources report the size their persistent bitmaps would take in the target; strata
-    // does not read bitmaps yet, so it measures only sources without any.
-    if (auto* qcow2 = dynamic_cast<block::qcow2::Qcow2Node*>(image->node);
-        qcow2 != nullptr && target.version >= 3 && qcow2->header().version >= 3) {
-      if (qcow2->header().autoclear_features & block::qcow2::kAutoclearBitmaps) {
-        report("Measuring images with persistent bitmaps is not supported by strata img yet");
-        return 1;
-      }
-      bitmaps = 0;
+    // Sources that can hold persistent bitmaps report the size theirs take in the target.
+    if (target.version >= 3 && supports_persistent_bitmaps(*image->node)) {
+      bitmaps = persistent_bitmaps_size(*image->node, cs);
     }
   }
   if (target.full_preallocation) {

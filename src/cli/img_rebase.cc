@@ -98,6 +98,7 @@ struct SafeRebase {
   block::Node* old_backing = nullptr;
   block::Node* new_backing = nullptr;
   uint64_t write_align = 512;
+  uint32_t write_flags = 0;  // -c: kRequestWriteCompressed (write_align is then the cluster size)
   Progress* progress = nullptr;
 };
 
@@ -152,7 +153,7 @@ aio::Task<bool> copy_differences(SafeRebase s) {
           done = co_await block::io::pwrite_zeroes(*s.image, offset + written, run, 0);
         } else {
           done = co_await block::io::pwrite(*s.image, offset + written, old_data.data() + written,
-                                            run);
+                                            run, s.write_flags);
         }
         if (!done) {
           report("Error while writing to COW image: " + errno_text(done.error()));
@@ -192,6 +193,7 @@ int rebase_main(int argc, char** argv) {
   bool progress_enabled = false;
   bool quiet = false;
   bool force_share = false;
+  bool compress = false;
   bool image_opts = false;
   optind = 1;
   int c = 0;
@@ -227,18 +229,17 @@ int rebase_main(int argc, char** argv) {
         force_share = true;
         break;
       case 'c':
-        report("Compressed rebase is not supported by strata img");
-        return 1;
+        compress = true;
+        break;
       case kOptObject:
-        report("--object is not supported by strata img");
-        return 1;
+        return object_unsupported();
       case kOptImageOpts:
         image_opts = true;
         break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   if (quiet) {
@@ -266,6 +267,10 @@ int rebase_main(int argc, char** argv) {
     return 1;
   }
   block::Node& node = *image->node;
+  if (compress && !node.supports_compressed_writes()) {
+    report("Compression not supported for this file format");
+    return 1;
+  }
   if (backing_format && block::find_driver(*backing_format) == nullptr) {
     report("Invalid format name: '" + *backing_format + "'");
     return 1;
@@ -295,6 +300,9 @@ int rebase_main(int argc, char** argv) {
     }
     if (auto cluster = node.cluster_size(); cluster && *cluster > 0) {
       rebase.write_align = *cluster;
+    }
+    if (compress) {
+      rebase.write_flags = block::kRequestWriteCompressed;
     }
     if (!image->session->loop().block_on(copy_differences(rebase))) {
       return 1;

@@ -3,10 +3,12 @@
 
 #include <getopt.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "block/graph/permissions.h"
 #include "block/io/request.h"
@@ -21,6 +23,26 @@ enum { kOptObject = 256, kOptImageOpts, kOptPreallocation, kOptShrink };
 
 bool known_preallocation(const std::string& mode) {
   return mode == "off" || mode == "metadata" || mode == "falloc" || mode == "full";
+}
+
+// file-posix's truncate with preallocation, after the file grew from `from` to `to`: falloc
+// allocates the new area, full writes zeroes into it.
+Result<void> preallocate_new_area(aio::EventLoop& loop, block::Node& node, uint64_t from,
+                                  uint64_t to, const std::string& mode) {
+  if (mode == "falloc") {
+    return fallocate_plain_file(node, from, to - from);
+  }
+  constexpr uint64_t kZeroChunk = 1 << 20;
+  const std::vector<uint8_t> zeroes(kZeroChunk, 0);
+  for (uint64_t offset = from; offset < to; offset += kZeroChunk) {
+    const uint64_t bytes = std::min(kZeroChunk, to - offset);
+    Result<void> written = loop.block_on(block::io::pwrite(node, offset, zeroes.data(), bytes));
+    if (!written) {
+      return Error::from_errno(written.error().errno_value(),
+                               "Could not write zeros for preallocation");
+    }
+  }
+  return ok();
 }
 
 }  // namespace
@@ -93,9 +115,9 @@ int resize_main(int argc, char** argv) {
         }
         break;
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   for (; optind < argc; ++optind) {  // operands after "--"
@@ -153,8 +175,15 @@ int resize_main(int argc, char** argv) {
         "Before performing such an operation, make sure there is no important data there.");
     return 1;
   }
-  if (preallocation != "off") {
-    report("Preallocation mode '" + preallocation + "' is not supported by strata img resize");
+  // Raw images over a plain file take falloc and full like file-posix; qcow2 preallocation of
+  // the new area is not implemented.
+  const bool raw_file = is_plain_file(node);
+  if (preallocation != "off" && (!raw_file || preallocation == "metadata")) {
+    if (raw_file) {
+      report("Unsupported preallocation mode: " + preallocation);
+    } else {
+      report("Preallocation mode '" + preallocation + "' is not supported by strata img resize");
+    }
     return 1;
   }
   Result<void> permitted = image->session->add_perm(node, block::kPermResize);
@@ -164,6 +193,10 @@ int resize_main(int argc, char** argv) {
   }
   Result<void> resized =
       loop.block_on(block::io::truncate(node, static_cast<uint64_t>(total), /*exact=*/true));
+  if (resized && preallocation != "off") {
+    resized = preallocate_new_area(loop, node, static_cast<uint64_t>(current),
+                                   static_cast<uint64_t>(total), preallocation);
+  }
   if (resized) {
     resized = loop.block_on(block::io::flush(node));
   }

@@ -116,9 +116,9 @@ int snapshot_main(int argc, char** argv) {
       case kOptObject:
         break;  // no object strata img opens needs one (no encryption, no secrets)
       case ':':
-        return error_exit(std::string("argument ") + argv[optind - 1] + " requires a value");
+        return missing_argument(argv[optind - 1]);
       default:
-        return error_exit(std::string("Unknown option '") + argv[optind - 1] + "'");
+        return unrecognized_option(argv[optind - 1]);
     }
   }
   (void)quiet;  // qemu-img snapshot prints nothing but errors and the list

@@ -189,6 +189,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::Task<Result<void>> co_snapshot_goto(const std::string& id_or_name);
   // QEMU's qcow2_snapshot_delete of the snapshot matching `id` and `name` (either may be "").
   aio::Task<Result<void>> co_snapshot_delete(const std::string& id, const std::string& name);
+  // QEMU's qcow2_snapshot_load_tmp (snapshot_load.cc): a read-only node reads the snapshot
+  // matching `id` and `name` (each checked when given) from now on; the size does not change.
+  // "Can't find snapshot" (ENOENT), EINVAL on a writable node.
+  aio::Task<Result<void>> load_snapshot_read_only(std::optional<std::string> id,
+                                                  std::optional<std::string> name);
 
   const Header& header() const { return header_; }
   // The backing file name stored in the image ("" when none) and its format extension.
