@@ -227,3 +227,16 @@ def test_check_and_repair_data_file_leak(tmp_path):
     assert ours.returncode == theirs.returncode, (ours.stderr, theirs.stderr)
     assert ours.stdout.replace("strata", "qemu") == theirs.stdout
     ok(run("qemu-img", "check", "strata.qcow2", cwd=tmp_path))
+
+
+def test_snapshots_refused_with_data_file(tmp_path):
+    """Internal snapshots cannot share data clusters that are not refcounted: qemu-img's errors."""
+    for name in ("strata", "qemu"):
+        ok(run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={name}.data",
+               f"{name}.qcow2", "1M", cwd=tmp_path))
+    for args in (["-c", "s1"], ["-a", "s1"], ["-l"]):
+        ours = run(STRATA, "img", "snapshot", *args, "strata.qcow2", cwd=tmp_path)
+        theirs = run("qemu-img", "snapshot", *args, "qemu.qcow2", cwd=tmp_path)
+        assert ours.returncode == theirs.returncode, (args, ours.stderr, theirs.stderr)
+        assert ours.stderr.replace("strata img:", "qemu-img:") == theirs.stderr
+        assert ours.stdout == theirs.stdout

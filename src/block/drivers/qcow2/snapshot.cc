@@ -291,6 +291,11 @@ aio::Task<Result<void>> Qcow2Node::co_snapshot_create(SnapshotEntry entry) {
   if (refcounts_ == nullptr) {
     co_return read_only_node();
   }
+  if (data_file_ != nullptr) {
+    // QEMU's qcow2_snapshot_create/goto: data clusters of an external data file are not
+    // refcounted, so they cannot be shared with a snapshot.
+    co_return Error(ErrorKind::kUnsupported, "Operation not supported", ENOTSUP);
+  }
   // Metadata cached by the writer reaches the file before the walk reads tables.
   Result<void> flushed = co_await co_flush();
   if (!flushed) {
@@ -346,6 +351,11 @@ aio::Task<Result<void>> Qcow2Node::co_snapshot_create(SnapshotEntry entry) {
 aio::Task<Result<void>> Qcow2Node::co_snapshot_goto(const std::string& id_or_name) {
   if (refcounts_ == nullptr) {
     co_return read_only_node();
+  }
+  if (data_file_ != nullptr) {
+    // QEMU's qcow2_snapshot_create/goto: data clusters of an external data file are not
+    // refcounted, so they cannot be shared with a snapshot.
+    co_return Error(ErrorKind::kUnsupported, "Operation not supported", ENOTSUP);
   }
   Result<void> flushed = co_await co_flush();
   if (!flushed) {
