@@ -869,7 +869,12 @@ int convert_main(int argc, char** argv) {
       auto created = create_raw_file(target_name, state.total,
                                      prealloc == create_options.end() ? "off" : prealloc->second);
       if (!created) {
-        report(target_name + ": error while converting raw: " + created.error().message());
+        // NBD targets' create errors already name the target (img create prints them alone).
+        std::string message = created.error().message();
+        if (message.rfind(target_name + ": ", 0) == 0) {
+          message.erase(0, target_name.size() + 2);
+        }
+        report(target_name + ": error while converting raw: " + message);
         return 1;
       }
     }

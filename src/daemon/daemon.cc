@@ -4,8 +4,8 @@
 
 #include "base/arg_decoder.h"
 #include "daemon/backup_command.h"
-#include "daemon/block_job_commands.h"
 #include "daemon/bitmap_commands.h"
+#include "daemon/block_job_commands.h"
 #include "daemon/exports.h"
 #include "daemon/transaction.h"
 

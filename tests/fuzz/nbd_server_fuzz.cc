@@ -113,6 +113,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   writable.writable = true;
   writable.allocation_depth = true;
   writable.bitmaps = {"b0"};
+  auto bitmap = std::make_shared<block::bitmap::DirtyBitmap>("b0", 1u << 20, 65536);
+  bitmap->set(65536, 3 * 65536);
+  writable.bitmap_sources = {bitmap};
   directory.exports.push_back(std::make_shared<nbd::Export>("e", writable, memory));
   nbd::ExportConfig read_only;
   read_only.name = "ro";
