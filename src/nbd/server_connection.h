@@ -113,6 +113,7 @@ class ServerConnection final : public Closable {
       return current_->write_all(iov);
     }
     void shutdown() override { current_->shutdown(); }
+    void set_io_loop(aio::EventLoop* io_loop) override { current_->set_io_loop(io_loop); }
     void replace(Transport& next) { current_ = &next; }
 
    private:
