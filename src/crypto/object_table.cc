@@ -31,11 +31,22 @@ bool ObjectTable::handles(std::string_view qom_type) {
 
 Result<void> ObjectTable::add(const std::string& qom_type, const std::string& id, ArgDecoder& d,
                               const std::function<bool(const std::string&)>& id_taken) {
-  auto duplicate = [&]() -> Result<void> {
+  // Every type checks in QEMU's order: its properties, then the id, then the type's own checks
+  // and loading (`make`, returning Result<Object>).
+  auto add_object = [&](auto make) -> Result<void> {
+    auto decoded = d.finish();
+    if (!decoded) {
+      return decoded;
+    }
     if (id_taken(id)) {
       return make_error(ErrorKind::kExists, "attempt to add duplicate property '" + id +
                                                 "' to object (type 'container')");
     }
+    Result<Object> object = make();
+    if (!object) {
+      return std::move(object).error();
+    }
+    objects_.emplace(id, std::move(object).value());
     return ok();
   };
   if (qom_type == "tls-creds-x509") {
@@ -47,23 +58,17 @@ Result<void> ObjectTable::add(const std::string& qom_type, const std::string& id
     (void)d.opt_bool("loaded");
     options.sanity_check = d.opt_bool("sanity-check").value_or(true);
     (void)d.opt_str("passwordid");
-    auto decoded = d.finish();
-    if (!decoded) {
-      return decoded;
-    }
-    if (auto free = duplicate(); !free) {
-      return free;
-    }
-    if (!dir) {
-      return missing_dir();
-    }
-    options.dir = *dir;
-    auto creds = load_x509_creds(options);
-    if (!creds) {
-      return std::move(creds).error();
-    }
-    objects_.emplace(id, std::move(creds).value());
-    return ok();
+    return add_object([&]() -> Result<Object> {
+      if (!dir) {
+        return missing_dir();
+      }
+      options.dir = *dir;
+      auto creds = load_x509_creds(options);
+      if (!creds) {
+        return std::move(creds).error();
+      }
+      return Object(std::move(creds).value());
+    });
   }
   if (qom_type == "tls-creds-psk") {
     TlsCredsPskOptions options;
@@ -73,35 +78,23 @@ Result<void> ObjectTable::add(const std::string& qom_type, const std::string& id
     options.priority = d.opt_str("priority");
     (void)d.opt_bool("loaded");
     options.username = d.opt_str("username");
-    auto decoded = d.finish();
-    if (!decoded) {
-      return decoded;
-    }
-    if (auto free = duplicate(); !free) {
-      return free;
-    }
-    if (!dir) {
-      return missing_dir();
-    }
-    options.dir = *dir;
-    auto creds = load_psk_creds(options);
-    if (!creds) {
-      return std::move(creds).error();
-    }
-    objects_.emplace(id, std::move(creds).value());
-    return ok();
+    return add_object([&]() -> Result<Object> {
+      if (!dir) {
+        return missing_dir();
+      }
+      options.dir = *dir;
+      auto creds = load_psk_creds(options);
+      if (!creds) {
+        return std::move(creds).error();
+      }
+      return Object(std::move(creds).value());
+    });
   }
   if (qom_type == "authz-simple") {
     std::string identity = d.str("identity");
-    auto decoded = d.finish();
-    if (!decoded) {
-      return decoded;
-    }
-    if (auto free = duplicate(); !free) {
-      return free;
-    }
-    objects_.emplace(id, std::shared_ptr<const Authz>(std::make_shared<AuthzSimple>(identity)));
-    return ok();
+    return add_object([&]() -> Result<Object> {
+      return Object(std::shared_ptr<const Authz>(std::make_shared<AuthzSimple>(identity)));
+    });
   }
   // authz-list
   AuthzPolicy policy = policy_of(d.opt_enum("policy", kPolicies).value_or("deny"));
@@ -120,16 +113,10 @@ Result<void> ObjectTable::add(const std::string& qom_type, const std::string& id
       rules.push_back(std::move(rule));
     }
   }
-  auto decoded = d.finish();
-  if (!decoded) {
-    return decoded;
-  }
-  if (auto free = duplicate(); !free) {
-    return free;
-  }
-  objects_.emplace(
-      id, std::shared_ptr<const Authz>(std::make_shared<AuthzList>(policy, std::move(rules))));
-  return ok();
+  return add_object([&]() -> Result<Object> {
+    return Object(
+        std::shared_ptr<const Authz>(std::make_shared<AuthzList>(policy, std::move(rules))));
+  });
 }
 
 bool ObjectTable::remove(const std::string& id) {

@@ -13,53 +13,20 @@ import filecmp
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from img_tools import ok, qemu_img, qemu_io, run, strata_bin, strata_img
+
 from test_img_bitmap import dirty_map, set_bitmap_flags
 
-REPO = Path(__file__).resolve().parents[2]
 QEMU_TOOLS = ("qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo")
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in QEMU_TOOLS),
     reason="qemu-img, qemu-io, qemu-storage-daemon or nbdinfo not installed",
 )
-
-
-def strata_bin():
-    path = Path(os.environ.get("STRATA_BIN", "build/strata"))
-    if not path.is_absolute():
-        path = REPO / path
-    if not path.exists():
-        pytest.fail(f"strata binary not found at {path}; build it or set STRATA_BIN")
-    return str(path)
-
-
-def run(*args):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
-
-
-def qemu_img(*args):
-    return run("qemu-img", *args)
-
-
-def strata_img(*args):
-    return run(strata_bin(), "img", *args)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-def qemu_io(fmt, path, *commands):
-    args = ["qemu-io", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    ok(run(*args, path))
 
 
 def as_qemu(text):

@@ -8,50 +8,16 @@ Run: STRATA_BIN=build/strata /usr/bin/python3 -m pytest -q tests/cli/test_img_re
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from img_tools import ok, qemu_img, qemu_io, strata_img
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("qemu-img", "qemu-io")),
     reason="qemu-img or qemu-io not installed (Debian package qemu-utils)",
 )
-
-
-def strata_bin():
-    path = Path(os.environ.get("STRATA_BIN", "build/strata"))
-    if not path.is_absolute():
-        path = REPO / path
-    if not path.exists():
-        pytest.fail(f"strata binary not found at {path}; build it or set STRATA_BIN")
-    return str(path)
-
-
-def run(*args):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
-
-
-def qemu_img(*args):
-    return run("qemu-img", *args)
-
-
-def strata_img(*args):
-    return run(strata_bin(), "img", *args)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-def qemu_io(fmt, path, *commands):
-    args = ["qemu-io", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    ok(run(*args, path))
 
 
 def assert_same(*args):

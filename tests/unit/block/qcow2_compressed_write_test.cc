@@ -56,29 +56,8 @@ class Qcow2CompressedWriteTest
         {"node-name", "n" + std::to_string(++counter_)},
         {"read-only", false},
         {"file", {{"driver", "file"}, {"filename", dir_path_ + "/" + image}}}};
-    auto node = open_node(graph_, options);
-    if (!node) {
-      ADD_FAILURE() << "opening " << image << ": " << node.error().message();
-      return nullptr;
-    }
-    auto root = graph_.attach_root(user_, *node, "root", kRoleImage,
-                                   kPermConsistentRead | kPermWrite, kPermAll);
-    if (!root) {
-      ADD_FAILURE() << root.error().message();
-      return nullptr;
-    }
-    root_ = std::move(root).value();
-    return std::move(node).value();
+    return open_with_writer(options, image);
   }
-
-  void close(std::shared_ptr<Node>& node) {
-    Result<void> flushed = run(io::flush(*node));
-    EXPECT_TRUE(flushed) << error_of(flushed);
-    graph_.detach_root(std::move(root_));
-    node.reset();
-  }
-
-  std::unique_ptr<Child> root_;
 };
 
 aio::Task<void> write_into(Node& node, uint64_t offset, std::string data, uint32_t flags,

@@ -79,30 +79,7 @@ class Qcow2SubclusterTest : public testing::Qcow2Fixture<> {
         {"read-only", false},
         {"discard", "unmap"},
         {"file", {{"driver", "file"}, {"filename", dir_path_ + "/" + image}}}};
-    auto node = open_node(graph_, options);
-    if (!node) {
-      ADD_FAILURE() << "opening " << image << ": " << node.error().message();
-      return nullptr;
-    }
-    auto root = graph_.attach_root(user_, *node, "root", kRoleImage,
-                                   kPermConsistentRead | kPermWrite, kPermAll);
-    if (!root) {
-      ADD_FAILURE() << root.error().message();
-      return nullptr;
-    }
-    root_ = std::move(root).value();
-    return std::move(node).value();
-  }
-
-  void close(std::shared_ptr<Node>& node) {
-    if (node) {
-      Result<void> flushed = run(io::flush(*node));
-      EXPECT_TRUE(flushed) << error_of(flushed);
-    }
-    if (root_) {
-      graph_.detach_root(std::move(root_));
-    }
-    node.reset();
+    return open_with_writer(options, image);
   }
 
   // Applies `ops` through strata's request layer.
@@ -219,8 +196,6 @@ class Qcow2SubclusterTest : public testing::Qcow2Fixture<> {
     write_file("base.raw", base);
     return base;
   }
-
-  std::unique_ptr<Child> root_;
 };
 
 // Extended L2 over a backing file: partial-subcluster writes COW only within the subcluster,

@@ -114,12 +114,43 @@ class Qcow2Fixture : public Base {
     return loop_->block_on(std::move(task));
   }
 
+  // Opens the node `options` describe and attaches a writing root to it (kept in root_); nullptr
+  // and a test failure when either step fails. `image` names the image in failure messages.
+  std::shared_ptr<Node> open_with_writer(const nlohmann::json& options, const std::string& image) {
+    auto node = open_node(graph_, options);
+    if (!node) {
+      ADD_FAILURE() << "opening " << image << ": " << node.error().message();
+      return nullptr;
+    }
+    auto root = graph_.attach_root(user_, *node, "root", kRoleImage,
+                                   kPermConsistentRead | kPermWrite, kPermAll);
+    if (!root) {
+      ADD_FAILURE() << root.error().message();
+      return nullptr;
+    }
+    root_ = std::move(root).value();
+    return std::move(node).value();
+  }
+
+  // Flushes `node`, detaches the root open_with_writer attached and drops the node.
+  void close(std::shared_ptr<Node>& node) {
+    if (node) {
+      Result<void> flushed = run(io::flush(*node));
+      EXPECT_TRUE(flushed) << error_of(flushed);
+    }
+    if (root_) {
+      graph_.detach_root(std::move(root_));
+    }
+    node.reset();
+  }
+
   TempDir dir_;
   std::string dir_path_;
   std::unique_ptr<aio::EventLoop> loop_;
   Graph graph_;
   TestUser user_{"block device 'test'"};
   int counter_ = 0;
+  std::unique_ptr<Child> root_;
 };
 
 }  // namespace strata::block::testing

@@ -89,30 +89,7 @@ class Qcow2WriteTest : public testing::Qcow2Fixture<> {
     if (extra.is_object()) {
       options.update(extra);
     }
-    auto node = open_node(graph_, options);
-    if (!node) {
-      ADD_FAILURE() << "opening " << image << ": " << node.error().message();
-      return nullptr;
-    }
-    auto root = graph_.attach_root(user_, *node, "root", kRoleImage,
-                                   kPermConsistentRead | kPermWrite, kPermAll);
-    if (!root) {
-      ADD_FAILURE() << root.error().message();
-      return nullptr;
-    }
-    root_ = std::move(root).value();
-    return std::move(node).value();
-  }
-
-  void close(std::shared_ptr<Node>& node) {
-    if (node) {
-      Result<void> flushed = run(io::flush(*node));
-      EXPECT_TRUE(flushed) << error_of(flushed);
-    }
-    if (root_) {
-      graph_.detach_root(std::move(root_));
-    }
-    node.reset();
+    return open_with_writer(options, image);
   }
 
   // Applies `writes` to `node` one after the other (stops at the first error, which it reports
@@ -157,8 +134,6 @@ class Qcow2WriteTest : public testing::Qcow2Fixture<> {
            (uint32_t{static_cast<uint8_t>(head[58])} << 8) |
            uint32_t{static_cast<uint8_t>(head[59])};
   }
-
-  std::unique_ptr<Child> root_;
 };
 
 struct RandomCase {
