@@ -293,13 +293,15 @@ TEST_F(Qcow2WriteTest, WriteZeroesAndDiscard) {
 // Runs on two layouts: 512-byte clusters with 64-bit refcounts (a refcount block covers 64
 // clusters and the initial table 4096 clusters (2 MiB), so the workload also grows the refcount
 // table), and extended L2 entries (16 KiB clusters of 32 subclusters: partial-subcluster COW,
-// subcluster allocation bits).
+// subcluster allocation bits), and discard-no-unref (discarded clusters stay allocated as zero
+// clusters and later writes rewrite them in place).
 struct CrashLayout {
   const char* name;
   const char* create_options;  // qemu-img create -o
   uint64_t cluster;
   bool grows_refcount_table;
-  int random_crash_points;  // besides the fixed ones (keeps each run within CTest's timeout)
+  int random_crash_points;        // besides the fixed ones (keeps each run within CTest's timeout)
+  bool discard_no_unref = false;  // discards keep their clusters; later writes reuse them
 };
 
 class Qcow2CrashTest : public Qcow2WriteTest, public ::testing::WithParamInterface<CrashLayout> {};
@@ -308,7 +310,8 @@ INSTANTIATE_TEST_SUITE_P(
     Layouts, Qcow2CrashTest,
     ::testing::Values(
         CrashLayout{"small_clusters", "cluster_size=512,refcount_bits=64", 512, true, 12},
-        CrashLayout{"extended_l2", "cluster_size=16384,extended_l2=on", 16384, false, 5}),
+        CrashLayout{"extended_l2", "cluster_size=16384,extended_l2=on", 16384, false, 5},
+        CrashLayout{"discard_no_unref", "cluster_size=4096", 4096, false, 4, true}),
     [](const ::testing::TestParamInfo<CrashLayout>& info) { return info.param.name; });
 
 TEST_P(Qcow2CrashTest, CrashAfterAnyWriteLeavesNoCorruption) {
@@ -374,6 +377,9 @@ TEST_P(Qcow2CrashTest, CrashAfterAnyWriteLeavesNoCorruption) {
     // checks (rightly) refuse what follows; they stay on for the run without a crash, which so
     // also shows they never fire on a consistent image.
     nlohmann::json extra = {{"discard", "unmap"}};
+    if (GetParam().discard_no_unref) {
+      extra["discard-no-unref"] = true;
+    }
     if (limit != UINT64_MAX) {
       extra["overlap-check"] = "none";
     }

@@ -457,6 +457,7 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   }
 
   pass_discard_request_ = options.pass_discard_request.value_or(true);
+  discard_no_unref_ = options.discard_no_unref.value_or(false);
   overlap_checks_ = overlap_checks(options.overlap_check, options.overlap_flags);
   lazy_refcounts_ =
       options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0);

@@ -287,6 +287,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // by the caller), fills them with COW data and `data` (`bytes` at `offset`) with `meta`
   // released, publishes them in the L2 cache and releases what they replace. `meta` is held on
   // entry and on return.
+  // A preallocated zero cluster with refcount 1 (what discard-no-unref keeps): the guest data
+  // and zeroes around it go to its host cluster, then the entry loses its zero flag (QEMU
+  // reuses such clusters instead of allocating). The cluster is registered in flight.
+  aio::Task<Result<void>> rewrite_zero_cluster(aio::CoMutex::Guard& meta, const L2Ref& ref,
+                                               uint64_t offset, uint64_t bytes, IoVector data);
   aio::Task<Result<void>> allocate_run(aio::CoMutex::Guard& meta, const L2Ref& first,
                                        uint64_t offset, uint64_t bytes, IoVector data,
                                        const std::vector<uint64_t>& old_entries);
@@ -333,6 +338,8 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // external data file the data cluster is not refcounted and is only discarded there (when
   // `pass_discard` and the entry had a host cluster); otherwise release_entry.
   aio::Task<Result<void>> release_data_cluster(uint64_t entry, bool pass_discard);
+  // discard-no-unref: the L2 entry kept its cluster; only its data may go (pass-discard-request).
+  aio::Task<Result<void>> discard_kept_cluster(uint64_t entry);
   // After a resize from `old_size` (resize_unlocked done, lock_ and meta_ held): QEMU's
   // qcow2_co_truncate for an external data file, which is resized too (`exact` passed on); with
   // data-file-raw the new clusters get their L2 entries at once (metadata preallocation), so
@@ -471,8 +478,9 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   std::vector<uint8_t> zero_cluster_;     // zeroes for COW regions (written from, never changed)
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
-  bool lazy_refcounts_ = false;  // lazy-refcounts option (default: the image's compat bit)
-  uint32_t overlap_checks_ = 0;  // OverlapBits enabled by the overlap-check option
+  bool discard_no_unref_ = false;  // discard-no-unref: discards keep clusters allocated
+  bool lazy_refcounts_ = false;    // lazy-refcounts option (default: the image's compat bit)
+  uint32_t overlap_checks_ = 0;    // OverlapBits enabled by the overlap-check option
   bool signaled_corruption_ = false;
   bool corrupted_ = false;  // a fatal corruption was signalled: no more I/O
   // Where the next compressed cluster may be packed (0: start a new host cluster). Reset when a

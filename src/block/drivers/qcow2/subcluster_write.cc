@@ -395,12 +395,16 @@ aio::Task<Result<void>> Qcow2Node::zero_whole_cluster(const L2Ref& ref, uint32_t
                          kind == ClusterKind::kZeroAlloc;
   const bool unmap =
       kind == ClusterKind::kCompressed || ((flags & kRequestMayUnmap) != 0 && allocated);
+  const bool keep_reference = discard_no_unref_ && kind != ClusterKind::kCompressed;
   uint64_t entry = unmap ? 0 : ref.entry;
   uint64_t bitmap = ref.bitmap;
   if (header_.extended_l2()) {
     bitmap = kBitmapAllZeroes;
   } else {
     entry |= kOflagZero;
+  }
+  if (keep_reference) {
+    entry |= ref.entry;
   }
   if (entry == ref.entry && bitmap == ref.bitmap) {
     co_return ok();
@@ -413,7 +417,26 @@ aio::Task<Result<void>> Qcow2Node::zero_whole_cluster(const L2Ref& ref, uint32_t
   if (!set || !unmap) {
     co_return set;
   }
+  if (keep_reference) {
+    co_return co_await discard_kept_cluster(ref.entry);
+  }
   co_return co_await release_data_cluster(ref.entry, pass_discard_request_);
+}
+
+aio::Task<Result<void>> Qcow2Node::discard_kept_cluster(uint64_t entry) {
+  // QEMU passes the discard on for a kept normal or preallocated-zero cluster; strata does it
+  // only when no snapshot shares the cluster (OFLAG_COPIED), so a snapshot never loses data.
+  const ClusterKind kind = cluster_kind(entry);
+  const bool has_data = kind == ClusterKind::kNormal || kind == ClusterKind::kZeroAlloc;
+  if (!pass_discard_request_ || !has_data ||
+      (data_file_ == nullptr && (entry & kOflagCopied) == 0)) {
+    co_return ok();
+  }
+  Node& holder = data_file_ != nullptr ? data_file() : file();
+  Result<void> dropped =
+      co_await io::pdiscard(holder, entry & kL2OffsetMask, header_.cluster_size());
+  ignore_error(std::move(dropped), "discard of a kept cluster's data is advisory");
+  co_return ok();
 }
 
 // ---- discard ---------------------------------------------------------------------------------
@@ -441,6 +464,7 @@ aio::Task<Result<void>> Qcow2Node::discard_general(uint64_t offset, uint64_t byt
     if (!backing && !allocated) {
       continue;
     }
+    const bool keep_reference = discard_no_unref_ && kind != ClusterKind::kCompressed;
     uint64_t entry = ref->entry;
     uint64_t bitmap = ref->bitmap;
     if (header_.extended_l2()) {
@@ -448,6 +472,9 @@ aio::Task<Result<void>> Qcow2Node::discard_general(uint64_t offset, uint64_t byt
       bitmap = kBitmapAllZeroes;
     } else {
       entry = header_.version >= 3 ? kOflagZero : 0;
+    }
+    if (keep_reference) {
+      entry |= ref->entry;
     }
     if (entry == ref->entry && bitmap == ref->bitmap) {
       continue;
@@ -464,7 +491,13 @@ aio::Task<Result<void>> Qcow2Node::discard_general(uint64_t offset, uint64_t byt
     if (!set) {
       co_return set;
     }
-    Result<void> released = co_await release_data_cluster(table->entry, pass_discard_request_);
+    // (No co_await inside ?:, which GCC 12 miscompiles.)
+    Result<void> released = ok();
+    if (keep_reference) {
+      released = co_await discard_kept_cluster(table->entry);
+    } else {
+      released = co_await release_data_cluster(table->entry, pass_discard_request_);
+    }
     if (!released) {
       co_return released;
     }

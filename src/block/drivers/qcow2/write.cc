@@ -46,6 +46,12 @@ bool writable_in_place(uint64_t entry) {
          (entry & kL2OffsetMask) != 0;
 }
 
+// A preallocated zero cluster with refcount 1: rewritten in place (rewrite_zero_cluster).
+bool reusable_zero_cluster(uint64_t entry) {
+  return (entry & kOflagCopied) != 0 && (entry & kOflagZero) != 0 &&
+         (entry & kOflagCompressed) == 0 && (entry & kL2OffsetMask) != 0;
+}
+
 // What an old L2 entry reads as is zeroes: a zero cluster, or unallocated without a backing
 // file (compressed and allocated clusters hold data).
 bool reads_as_zeroes(uint64_t entry, bool has_backing) {
@@ -319,6 +325,25 @@ aio::Task<Result<uint64_t>> Qcow2Node::write_clusters(uint64_t offset, uint64_t 
       pos += n;
       continue;
     }
+    if (reusable_zero_cluster(ref->entry)) {
+      auto allocation = std::make_shared<InflightAllocation>();
+      allocation->first_cluster = guest_cluster;
+      allocation->clusters = 1;
+      inflight_.push_back(allocation);
+      Result<void> rewritten =
+          co_await rewrite_zero_cluster(meta, *ref, pos, n, qiov.slice(pos - offset, n));
+      inflight_.erase(std::find(inflight_.begin(), inflight_.end(), allocation));
+      allocation->done.set();
+      if (!rewritten) {
+        co_return std::move(rewritten).error();
+      }
+      Result<void> trimmed = co_await trim_caches();
+      if (!trimmed) {
+        co_return std::move(trimmed).error();
+      }
+      pos += n;
+      continue;
+    }
     if (!may_free && needs_release(ref->entry)) {
       co_return pos - offset;
     }
@@ -334,7 +359,8 @@ aio::Task<Result<uint64_t>> Qcow2Node::write_clusters(uint64_t offset, uint64_t 
       if (!next_ref) {
         co_return std::move(next_ref).error();
       }
-      if (writable_in_place(next_ref->entry) || (!may_free && needs_release(next_ref->entry))) {
+      if (writable_in_place(next_ref->entry) || reusable_zero_cluster(next_ref->entry) ||
+          (!may_free && needs_release(next_ref->entry))) {
         break;
       }
       old_entries.push_back(next_ref->entry);
@@ -537,6 +563,54 @@ aio::Task<Result<void>> Qcow2Node::allocate_run(aio::CoMutex::Guard& meta, const
   co_return ok();
 }
 
+aio::Task<Result<void>> Qcow2Node::rewrite_zero_cluster(aio::CoMutex::Guard& meta, const L2Ref& ref,
+                                                        uint64_t offset, uint64_t bytes,
+                                                        IoVector data) {
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t head = offset & (cluster_size - 1);
+  const uint64_t tail = cluster_size - head - bytes;
+  const uint64_t host = ref.entry & kL2OffsetMask;
+  Result<uint64_t> l2_offset = co_await writable_l2_table(ref.l1_index, ref.l2_offset);
+  if (!l2_offset) {
+    co_return std::move(l2_offset).error();
+  }
+  if (zero_cluster_.size() < cluster_size) {
+    zero_cluster_.assign(cluster_size, 0);
+  }
+  IoVector cluster_data;
+  if (head != 0) {
+    cluster_data.append(zero_cluster_.data(), head);
+  }
+  cluster_data.append(data);
+  if (tail != 0) {
+    cluster_data.append(zero_cluster_.data(), tail);
+  }
+  // The data is written without meta_ (the cluster is in flight); until the entry changes,
+  // readers still see zeroes.
+  meta.unlock();
+  Result<void> filled = co_await pre_write_overlap_check(0, host, cluster_size, true);
+  if (filled) {
+    block::debug_event(child("file"), BlkdebugEvent::kWriteAio);
+    filled = co_await write_growing(file(), host, cluster_data);
+  }
+  meta = co_await meta_.scoped_lock();
+  if (!filled) {
+    co_return filled;
+  }
+  // The new entry reaches the file only after the data (l2_needs_flush_).
+  Result<void> ordered = co_await l2_depends_on_new_clusters();
+  if (!ordered) {
+    co_return ordered;
+  }
+  Result<void> dirty = co_await mark_dirty();
+  if (!dirty) {
+    co_return dirty;
+  }
+  block::debug_event(child("file"), BlkdebugEvent::kL2Update);
+  const std::vector<uint64_t> entry{host | kOflagCopied};
+  co_return co_await write_l2_entries(*l2_offset, ref.l2_index, entry);
+}
+
 aio::Task<Result<void>> Qcow2Node::ensure_file_covers(uint64_t end) {
   if (end <= file().length()) {
     co_return ok();
@@ -722,6 +796,7 @@ aio::Task<Result<void>> Qcow2Node::zero_or_discard_clusters(uint64_t offset, uin
     }
     std::vector<uint64_t> old_entries;
     std::vector<uint64_t> new_entries;
+    std::vector<uint64_t> kept_hosts;  // discard-no-unref: clusters kept, their data discarded
     for (uint64_t c = cluster; c <= stop; ++c) {
       uint64_t entry = ref->entry;
       if (c != cluster) {
@@ -732,17 +807,32 @@ aio::Task<Result<void>> Qcow2Node::zero_or_discard_clusters(uint64_t offset, uin
         entry = at->entry;
       }
       uint64_t updated = 0;
-      const bool allocated = (entry & kOflagCompressed) != 0 || (entry & kL2OffsetMask) != 0;
+      const bool compressed = (entry & kOflagCompressed) != 0;
+      const bool allocated = compressed || (entry & kL2OffsetMask) != 0;
+      // QEMU's keep_reference: with discard-no-unref (version 3 only) a guest discard or an
+      // unmapping write-zeroes leaves the host cluster allocated, reading as zeroes.
+      const bool keep_reference = discard_no_unref_ && !compressed;
       if (discard) {
         if (!allocated && !backing && (entry & kOflagZero) == 0) {
           updated = entry;  // unallocated without a backing file already reads as zeroes
         } else {
           updated = header_.version >= 3 ? kOflagZero : 0;
+          if (keep_reference) {
+            updated |= entry;
+          }
         }
-      } else if (!unmap && writable_in_place(entry)) {
+      } else if ((!unmap || keep_reference) && writable_in_place(entry)) {
         updated = entry | kOflagZero;  // keep the cluster, read it as zeroes
+      } else if (keep_reference) {
+        updated = entry | kOflagZero;
       } else {
         updated = kOflagZero;
+      }
+      // The kept cluster's old data may still be dropped in the file, but only when no snapshot
+      // shares it (OFLAG_COPIED: refcount 1).
+      if (keep_reference && (discard || unmap) && updated != entry && (entry & kOflagCopied) != 0 &&
+          (entry & kL2OffsetMask) != 0) {
+        kept_hosts.push_back(entry & kL2OffsetMask);
       }
       old_entries.push_back(updated == entry || (updated & kL2OffsetMask) != 0 ? 0 : entry);
       new_entries.push_back(updated);
@@ -762,6 +852,13 @@ aio::Task<Result<void>> Qcow2Node::zero_or_discard_clusters(uint64_t offset, uin
       Result<void> released = co_await release_entry(entry);
       if (!released) {
         co_return released;
+      }
+    }
+    if (pass_discard_request_) {
+      for (uint64_t host : kept_hosts) {
+        // Advisory, as in release_entry.
+        Result<void> dropped = co_await io::pdiscard(file(), host, header_.cluster_size());
+        ignore_error(std::move(dropped), "discard of a kept cluster's data is advisory");
       }
     }
     Result<void> trimmed = co_await trim_caches();
