@@ -5,6 +5,7 @@
 
 #include <sys/stat.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -474,6 +475,38 @@ TEST_F(Qcow2ReadTest, OptionsAreValidated) {
   EXPECT_EQ(map.l2_cache().slice_bytes(), 512u);
   expect_same_as_qemu(*node, image);
   EXPECT_LE(map.l2_cache().cached(), 2u);
+}
+
+// cache-clean-interval: slices nobody used for a whole interval are dropped (QEMU drops them
+// after one to two intervals); with 0 they stay.
+TEST_F(Qcow2ReadTest, CacheCleanIntervalDropsUnusedSlices) {
+  const std::string image = dir() + "/img.qcow2";
+  ASSERT_EQ(run_in(dir(),
+                   "qemu-img create -q -f qcow2 -o cluster_size=4k img.qcow2 8M && "
+                   "qemu-io -c 'write -P 0x42 0 1M' -c 'write -P 0x43 6M 1M' "
+                   "img.qcow2 >/dev/null"),
+            0);
+  auto sleep = [this](std::chrono::milliseconds duration) {
+    run([](aio::EventLoop& loop, std::chrono::milliseconds d) -> aio::Task<void> {
+      co_await loop.sleep_for(d);
+    }(*loop_, duration));
+  };
+  for (int interval : {1, 0}) {
+    std::shared_ptr<Node> node;
+    // Opened on the loop, as the daemon does, so that the timer runs there.
+    run([&]() -> aio::Task<void> {
+      node = open(image, {{"cache-clean-interval", interval}, {"l2-cache-entry-size", 4096}});
+      co_return;
+    }());
+    ASSERT_NE(node, nullptr);
+    auto& cache = static_cast<qcow2::Qcow2Node&>(*node).cluster_map().l2_cache();
+    expect_same_as_qemu(*node, image);
+    const size_t loaded = cache.cached();
+    EXPECT_GE(loaded, 2u);
+    sleep(std::chrono::milliseconds(3500));
+    EXPECT_EQ(cache.cached(), interval == 0 ? loaded : 0u) << "interval " << interval;
+    expect_same_as_qemu(*node, image);  // reloaded on demand
+  }
 }
 
 // iotest 080-style malformed headers: each poke must give QEMU's own message for the same bytes.

@@ -15,6 +15,7 @@ aio::Task<Result<L2Cache::Lru::iterator>> L2Cache::find_or_load(Node& file, uint
   for (;;) {
     if (auto it = index_.find(slice_offset); it != index_.end()) {
       ++hits_;
+      it->second->used = true;
       lru_.splice(lru_.begin(), lru_, it->second);
       co_return it->second;
     }
@@ -74,6 +75,7 @@ aio::Task<Result<void>> L2Cache::set_entry(Node& file, uint64_t slice_offset, ui
 void L2Cache::put_clean(uint64_t slice_offset, std::vector<uint64_t> words) {
   if (auto it = index_.find(slice_offset); it != index_.end()) {
     *it->second->words = std::move(words);
+    it->second->used = true;
     if (it->second->dirty) {
       it->second->dirty = false;
       --dirty_count_;
@@ -139,6 +141,18 @@ void L2Cache::mark_clean(uint64_t slice_offset) {
     --dirty_count_;
   }
   evict_clean();
+}
+
+void L2Cache::drop_unused() {
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    if (it->dirty || it->used) {
+      it->used = false;
+      ++it;
+      continue;
+    }
+    index_.erase(it->offset);
+    it = lru_.erase(it);
+  }
 }
 
 void L2Cache::drop_clean() {

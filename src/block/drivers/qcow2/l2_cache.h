@@ -46,6 +46,9 @@ class L2Cache {
   // Drops every clean slice; dirty ones stay (inactivation after a write-back, tests,
   // cache-clean-interval).
   void drop_clean();
+  // Drops the clean slices nobody used since the previous call (QEMU's
+  // qcow2_cache_clean_unused, run every cache-clean-interval seconds).
+  void drop_unused();
 
   // Dirty slices, by offset, and their words (big-endian on-disk image) for writing back.
   std::vector<uint64_t> dirty_slices() const;
@@ -67,6 +70,7 @@ class L2Cache {
     uint64_t offset;
     std::shared_ptr<std::vector<uint64_t>> words;
     bool dirty = false;
+    bool used = true;  // looked up since the last drop_unused()
   };
   using Lru = std::list<Entry>;
   // A load in progress: later misses of the same slice wait for it.

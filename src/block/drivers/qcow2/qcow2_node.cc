@@ -293,6 +293,7 @@ Result<std::shared_ptr<Node>> Qcow2Node::open(OpenContext& context,
   // QEMU's qcow2_refresh_limits.
   node->limits_.pwrite_zeroes_alignment = static_cast<uint32_t>(node->header_.subcluster_size());
   node->limits_.pdiscard_alignment = static_cast<uint32_t>(node->header_.cluster_size());
+  node->start_cache_cleaner(qcow2.cache_clean_interval.value_or(kDefaultCacheCleanInterval));
   return std::shared_ptr<Node>(std::move(node));
 }
 

@@ -41,6 +41,7 @@
 // Roles: `file` is kRoleImage (kRoleMetadata | kRolePrimary with an external data file, which is
 // the kRoleData `data-file` child); `backing` is kRoleCow.
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -49,6 +50,7 @@
 #include <vector>
 
 #include "aio/sync.h"
+#include "aio/task_group.h"
 #include "block/bitmap/dirty_bitmap.h"
 #include "block/bitmap/persistent_store.h"
 #include "block/drivers/driver.h"
@@ -99,6 +101,8 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
 
   explicit Qcow2Node(CommonOptions common);
   ~Qcow2Node() override;
+  // QEMU's default cache-clean-interval, in seconds.
+  static constexpr int64_t kDefaultCacheCleanInterval = 600;
 
   const char* driver_name() const override { return "qcow2"; }
   std::optional<std::string> exact_filename() const override;
@@ -290,6 +294,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // A preallocated zero cluster with refcount 1 (what discard-no-unref keeps): the guest data
   // and zeroes around it go to its host cluster, then the entry loses its zero flag (QEMU
   // reuses such clusters instead of allocating). The cluster is registered in flight.
+  // Every `interval_seconds` (0: never), drops the L2 slices and refcount blocks that no
+  // request used since the last time (QEMU's cache_clean_timer); runs on the current loop.
+  void start_cache_cleaner(int64_t interval_seconds);
+  aio::Task<void> clean_caches_every(std::chrono::seconds interval);
   aio::Task<Result<void>> rewrite_zero_cluster(aio::CoMutex::Guard& meta, const L2Ref& ref,
                                                uint64_t offset, uint64_t bytes, IoVector data);
   aio::Task<Result<void>> allocate_run(aio::CoMutex::Guard& meta, const L2Ref& first,
@@ -500,6 +508,9 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // The bitmap directory as last read or written (what `info` reports).
   std::vector<BitmapDirectoryEntry> bitmap_directory_;
   SnapshotTable snapshots_;
+  // The cache-clean-interval timer (cache_clean.cc); last, so it stops before anything it uses
+  // is destroyed.
+  aio::TaskGroup cache_cleaner_;
 };
 
 }  // namespace strata::block::qcow2

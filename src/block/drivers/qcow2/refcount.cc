@@ -116,8 +116,10 @@ void Refcounts::cache_insert(uint64_t offset, Block block) {
   if (auto it = index_.find(offset); it != index_.end()) {
     it->second->second = std::move(block);
     lru_.splice(lru_.begin(), lru_, it->second);
+    used_.insert(offset);
     return;
   }
+  used_.insert(offset);
   lru_.emplace_front(offset, std::move(block));
   index_[offset] = lru_.begin();
   // Dirty blocks are never evicted: the cache may exceed its capacity until write_back().
@@ -130,6 +132,18 @@ void Refcounts::cache_insert(uint64_t offset, Block block) {
     }
     it = newer;
   }
+}
+
+void Refcounts::drop_unused() {
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    if (dirty_.count(it->first) != 0 || used_.count(it->first) != 0) {
+      ++it;
+      continue;
+    }
+    index_.erase(it->first);
+    it = lru_.erase(it);
+  }
+  used_.clear();
 }
 
 void Refcounts::drop_clean() {
@@ -197,6 +211,7 @@ aio::Task<Result<Refcounts::Block>> Refcounts::load_block(uint64_t index) {
   auto cached = index_.find(offset);
   if (cached != index_.end()) {
     lru_.splice(lru_.begin(), lru_, cached->second);
+    used_.insert(offset);
     Block hit = cached->second->second;
     co_return hit;
   }

@@ -27,6 +27,7 @@
 #include <memory>
 #include <set>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -84,6 +85,8 @@ class Refcounts {
   void set_direct_io(bool direct) { direct_io_ = direct; }
   // Drops the cached blocks that are not dirty.
   void drop_clean();
+  // Drops the clean blocks nobody used since the previous call (cache-clean-interval).
+  void drop_unused();
 
   // The end of every cluster in use or handed out (at least the image file's length at open).
   uint64_t allocated_end_offset() const { return allocated_end_ << cluster_bits_; }
@@ -131,7 +134,8 @@ class Refcounts {
   uint64_t cache_capacity_;
   std::list<std::pair<uint64_t, Block>> lru_;  // most recently used first
   std::unordered_map<uint64_t, std::list<std::pair<uint64_t, Block>>::iterator> index_;
-  std::set<uint64_t> dirty_;  // offsets of cached blocks that differ from the file
+  std::set<uint64_t> dirty_;           // offsets of cached blocks that differ from the file
+  std::unordered_set<uint64_t> used_;  // offsets of cached blocks used since drop_unused()
   std::function<aio::Task<Result<void>>()> write_back_hook_;
   bool direct_io_ = false;
 };
