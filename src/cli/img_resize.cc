@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "block/drivers/qcow2/qcow2_node.h"
 #include "block/graph/permissions.h"
 #include "block/io/request.h"
 #include "cli/commands.h"
@@ -23,6 +24,14 @@ enum { kOptObject = 256, kOptImageOpts, kOptPreallocation, kOptShrink };
 
 bool known_preallocation(const std::string& mode) {
   return mode == "off" || mode == "metadata" || mode == "falloc" || mode == "full";
+}
+
+block::qcow2::Preallocation qcow2_preallocation(const std::string& mode) {
+  using block::qcow2::Preallocation;
+  if (mode == "metadata") {
+    return Preallocation::kMetadata;
+  }
+  return mode == "falloc" ? Preallocation::kFalloc : Preallocation::kFull;
 }
 
 // file-posix's truncate with preallocation, after the file grew from `from` to `to`: falloc
@@ -175,14 +184,16 @@ int resize_main(int argc, char** argv) {
         "Before performing such an operation, make sure there is no important data there.");
     return 1;
   }
-  // Raw images over a plain file take falloc and full like file-posix; qcow2 preallocation of
-  // the new area is not implemented.
+  // Raw images over a plain file take falloc and full like file-posix; qcow2 takes all three
+  // modes (Qcow2Node::preallocate_growth).
   const bool raw_file = is_plain_file(node);
-  if (preallocation != "off" && (!raw_file || preallocation == "metadata")) {
+  auto* qcow2 = dynamic_cast<block::qcow2::Qcow2Node*>(&node);
+  if (preallocation != "off" && qcow2 == nullptr && (!raw_file || preallocation == "metadata")) {
     if (raw_file) {
       report("Unsupported preallocation mode: " + preallocation);
     } else {
-      report("Preallocation mode '" + preallocation + "' is not supported by strata img resize");
+      report("Preallocation mode '" + preallocation + "' is not supported by the " +
+             node.driver_name() + " driver");
     }
     return 1;
   }
@@ -193,7 +204,11 @@ int resize_main(int argc, char** argv) {
   }
   Result<void> resized =
       loop.block_on(block::io::truncate(node, static_cast<uint64_t>(total), /*exact=*/true));
-  if (resized && preallocation != "off") {
+  if (resized && preallocation != "off" && qcow2 != nullptr) {
+    resized = loop.block_on(qcow2->preallocate_growth(static_cast<uint64_t>(current),
+                                                      static_cast<uint64_t>(total),
+                                                      qcow2_preallocation(preallocation)));
+  } else if (resized && preallocation != "off") {
     resized = preallocate_new_area(loop, node, static_cast<uint64_t>(current),
                                    static_cast<uint64_t>(total), preallocation);
   }

@@ -56,6 +56,7 @@
 #include "block/drivers/driver.h"
 #include "block/drivers/qcow2/bitmaps.h"
 #include "block/drivers/qcow2/cluster_map.h"
+#include "block/drivers/qcow2/create.h"
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/header.h"
 #include "block/drivers/qcow2/header_update.h"
@@ -122,6 +123,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
                                            uint32_t flags) override;
   aio::Task<Result<BlockStatus>> co_block_status(uint64_t offset, uint64_t bytes) override;
   aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact) override;
+  // After a growing truncate from `from` to `to`: gives every unmapped guest cluster of the new
+  // area a host cluster (metadata), also reserved in the file (falloc) or filled with zeroes
+  // (full), as qemu-img resize --preallocation does (prealloc.cc). Flushes.
+  aio::Task<Result<void>> preallocate_growth(uint64_t from, uint64_t to, Preallocation mode);
   uint64_t length() const override { return header_.size & ~uint64_t{511}; }
   std::optional<uint64_t> allocated_size() const override;
 
