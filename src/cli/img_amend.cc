@@ -1,7 +1,7 @@
 // `strata img amend`: qemu-img amend for qcow2 images: compat (0.10/v2, 1.1/v3, both
-// directions), lazy_refcounts, data_file (the stored name) and data_file_raw (cleared);
-// refcount_bits only when unchanged; size only when unchanged. Option parsing, messages and exit
-// codes are qemu-img's.
+// directions), lazy_refcounts, refcount_bits (the refcount structure is rebuilt), data_file (the
+// stored name) and data_file_raw (cleared); size only when unchanged. Option parsing, messages and
+// exit codes are qemu-img's.
 
 #include <getopt.h>
 

@@ -75,6 +75,11 @@ CASES = {
     "bad-refcount-bits": ("", False, "refcount_bits=12"),
     "refcount-bits-v2": ("compat=0.10", False, "refcount_bits=8"),
     "downgrade-refcount-8": ("refcount_bits=8", False, "compat=0.10"),
+    "refcount-bits-1": ("", False, "refcount_bits=1"),
+    "refcount-bits-64-small-clusters": ("cluster_size=4k", False, "refcount_bits=64"),
+    "refcount-bits-64-to-2": ("refcount_bits=64", True, "refcount_bits=2"),
+    "upgrade-and-refcount-bits": ("compat=0.10", False, "compat=1.1,refcount_bits=4"),
+    "refcount-bits-and-downgrade": ("refcount_bits=8", False, "compat=0.10,refcount_bits=16"),
     "unknown-compat": ("", False, "compat=2"),
     "creation-only": ("", False, "cluster_size=4k"),
     "unknown-option": ("", False, "foo=bar"),
@@ -112,3 +117,25 @@ def test_amend_argument_errors_match_qemu_img(tmp_path):
         reference = run("qemu-img", "amend", *args)
         assert mine.returncode == reference.returncode
         assert mine.stderr.replace("strata img", "qemu-img") == reference.stderr
+
+
+def test_refcount_width_too_small_for_a_snapshot(tmp_path):
+    # A cluster shared with an internal snapshot has refcount 2: 1-bit refcounts cannot hold it,
+    # and the image stays as it was.
+    paths = [str(tmp_path / name) for name in ("ours.qcow2", "theirs.qcow2")]
+    for path in paths:
+        ok(run("qemu-img", "create", "-q", "-f", "qcow2", path, "4M"))
+        ok(run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", path))
+        ok(run("qemu-img", "snapshot", "-c", "snap", path))
+    mine = run(STRATA, "img", "amend", "-o", "refcount_bits=1", paths[0])
+    reference = run("qemu-img", "amend", "-o", "refcount_bits=1", paths[1])
+    assert mine.returncode == reference.returncode == 1
+    assert mine.stderr.replace("strata img", "qemu-img") == reference.stderr
+    for path in paths:
+        assert info(path)["format-specific"]["data"]["refcount-bits"] == 16
+    ok(run("qemu-img", "check", paths[0]))
+    # Widening keeps the snapshot intact.
+    ok(run(STRATA, "img", "amend", "-o", "refcount_bits=64", paths[0]))
+    ok(run("qemu-img", "check", paths[0]))
+    ok(run("qemu-img", "snapshot", "-a", "snap", paths[0]))
+    ok(run("qemu-io", "-f", "qcow2", "-c", "read -P 1 0 1M", paths[0]))

@@ -1,5 +1,6 @@
 // `strata img amend` for qcow2 (QEMU's qcow2_amend_options, qcow2_upgrade, qcow2_downgrade).
 
+#include <bit>
 #include <cinttypes>
 #include <cstdio>
 
@@ -128,13 +129,16 @@ aio::Task<Result<void>> Qcow2Node::amend(AmendOptions options) {
     }
   }
   if (refcount_bits != (uint64_t{1} << header_.refcount_order)) {
-    if (new_version < 3) {
+    if (new_version < 3 && refcount_bits != 16) {
       co_return invalid(
           "Refcount widths other than 16 bits require compatibility level 1.1 or above (use "
           "compat=1.1 or greater)");
     }
-    co_return Error(ErrorKind::kUnsupported,
-                    "Changing the refcount width is not supported by strata yet", ENOTSUP);
+    Result<void> changed =
+        co_await change_refcount_order(static_cast<uint32_t>(std::countr_zero(refcount_bits)));
+    if (!changed) {
+      co_return changed;
+    }
   }
   if (new_version < old_version) {
     // QEMU's qcow2_downgrade.

@@ -26,7 +26,6 @@ namespace {
 // REFT_*, BME_TABLE_ENTRY_*).
 constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffull;
 constexpr uint64_t kL2StdReservedMask = 0x3f000000000001feull;
-constexpr uint64_t kReftableOffsetMask = 0xfffffffffffffe00ull;
 constexpr uint64_t kReftableReservedMask = 0x1ffull;
 constexpr uint64_t kBitmapEntryOffsetMask = 0x00fffffffffffe00ull;
 constexpr uint64_t kBitmapEntryReservedMask = 0xff000000000001feull;
@@ -384,7 +383,7 @@ class Checker {
   // so a corrupt table costs no memory; unaligned pointers are left out.
   aio::Task<Result<void>> load_refblocks() {
     for (const uint64_t entry : reftable_) {
-      const uint64_t block_offset = entry & kReftableOffsetMask;
+      const uint64_t block_offset = entry & kRefcountTableOffsetMask;
       if (block_offset == 0 || block_offset % cluster_size_ != 0 ||
           refblocks_.count(block_offset) != 0) {
         continue;
@@ -411,7 +410,7 @@ class Checker {
     if (index >= reftable_.size()) {
       return 0;
     }
-    const uint64_t block_offset = reftable_[index] & kReftableOffsetMask;
+    const uint64_t block_offset = reftable_[index] & kRefcountTableOffsetMask;
     if (block_offset == 0) {
       return 0;
     }
@@ -472,7 +471,7 @@ class Checker {
     uint64_t nb_clusters = (file_length_ + cluster_size_ - 1) / cluster_size_;
     for (uint64_t i = 0; i < reftable_.size(); ++i) {
       const uint64_t entry = reftable_[i];
-      const uint64_t offset = entry & kReftableOffsetMask;
+      const uint64_t offset = entry & kRefcountTableOffsetMask;
       const uint64_t cluster = offset / cluster_size_;
       if ((entry & kReftableReservedMask) != 0) {
         report(text("ERROR refcount table entry %" PRId64 " has reserved bits set",
@@ -593,7 +592,7 @@ class Checker {
     if (index >= reftable_.size()) {
       return false;
     }
-    const uint64_t block_offset = reftable_[index] & kReftableOffsetMask;
+    const uint64_t block_offset = reftable_[index] & kRefcountTableOffsetMask;
     auto block = refblocks_.find(block_offset);
     if (block_offset == 0 || block == refblocks_.end() || block->second.empty()) {
       return false;

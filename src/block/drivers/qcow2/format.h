@@ -60,6 +60,8 @@ inline constexpr uint32_t kBackingFormatMaxLength = 15;  // QEMU's bs->backing_f
 // L1/L2 entry bits (qcow2.rst "Cluster mapping").
 inline constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ull;
 inline constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ull;
+// Offset bits of a refcount table entry (bits 9-63; the low 9 are reserved).
+inline constexpr uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ull;
 inline constexpr uint64_t kL2CompressedOffsetSizeMask = 0x3fffffffffffffffull;
 inline constexpr uint64_t kOflagCopied = 1ull << 63;
 inline constexpr uint64_t kOflagCompressed = 1ull << 62;

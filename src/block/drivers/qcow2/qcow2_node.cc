@@ -634,7 +634,7 @@ aio::Task<Result<bool>> Qcow2Node::detect_metadata_preallocation() {
       if (!read) {
         co_return std::move(read).error();
       }
-      const uint64_t block_offset = load_be64(entry) & 0xfffffffffffffe00ull;
+      const uint64_t block_offset = load_be64(entry) & kRefcountTableOffsetMask;
       if (block_offset == 0) {
         std::fill(block.begin(), block.end(), 0);
       } else {

@@ -303,6 +303,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // request used since the last time (QEMU's cache_clean_timer); runs on the current loop.
   void start_cache_cleaner(int64_t interval_seconds);
   aio::Task<void> clean_caches_every(std::chrono::seconds interval);
+  // Amend of refcount_bits (refcount_order.cc): the refcount structure is rebuilt with
+  // 2^`order` bits per entry in free clusters, the header switched to it in one write, then the
+  // old structure freed. Fails with QEMU's text, image unchanged, when a refcount does not fit.
+  // meta_ and the exclusive lock held.
+  aio::Task<Result<void>> change_refcount_order(uint32_t order);
   aio::Task<Result<void>> rewrite_zero_cluster(aio::CoMutex::Guard& meta, const L2Ref& ref,
                                                uint64_t offset, uint64_t bytes, IoVector data);
   aio::Task<Result<void>> allocate_run(aio::CoMutex::Guard& meta, const L2Ref& first,

@@ -18,9 +18,6 @@ namespace {
 // 56-59); they are adjacent, so one write switches both.
 constexpr uint64_t kHeaderRefcountTableOffset = 48;
 
-// Refcount table entries: bits 0-8 are reserved (qcow2.rst "Host cluster management").
-constexpr uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ull;
-
 // Host offsets must fit the 56 bits an L2 entry can hold.
 constexpr uint64_t kMaxHostOffset = uint64_t{1} << 56;
 

@@ -98,6 +98,7 @@ class Refcounts {
   // Refcount table entry `index` as stored (0 past the table); for the overlap checks.
   uint64_t table_entry(uint64_t index) const { return index < table_.size() ? table_[index] : 0; }
   uint64_t free_cluster_hint() const { return free_hint_; }
+  uint64_t cache_capacity() const { return cache_capacity_; }
 
  private:
   using Block = std::shared_ptr<std::vector<uint8_t>>;

@@ -16,6 +16,7 @@ namespace {
 
 // Offset of the refcount table fields and of the incompatible feature bits in the header.
 constexpr uint64_t kHeaderRefcountTableOffset = 48;
+constexpr uint64_t kHeaderRefcountOrderOffset = 96;  // version 3 only
 constexpr uint64_t kHeaderIncompatibleOffset = 72;
 
 // QEMU's alloc_clusters_imrt: the first run of `count` clusters with no references at or after
@@ -106,7 +107,8 @@ aio::Task<Result<bool>> write_refblocks(Node& file, const Geometry& g, std::vect
 }  // namespace
 
 aio::Task<Result<RebuiltRefcounts>> rebuild_refcount_structure(Node& file, const Header& header,
-                                                               std::vector<uint64_t>& imrt) {
+                                                               std::vector<uint64_t>& imrt,
+                                                               bool set_refcount_order) {
   const Geometry g{header.cluster_bits, header.cluster_size(), header.refcount_order,
                    header.cluster_bits + 3 - header.refcount_order};
   std::vector<uint64_t> table;
@@ -142,13 +144,27 @@ aio::Task<Result<RebuiltRefcounts>> rebuild_refcount_structure(Node& file, const
   if (!flushed) {
     co_return flushed.error().with_prefix("ERROR writing reftable");
   }
-  uint8_t fields[12];
-  put_be64(fields, table_offset);
+  // Table offset and size (and with set_refcount_order the order too, bytes 96-99) change in
+  // one write of one sector, so the header never describes a mix of the two structures.
+  std::vector<uint8_t> fields(
+      set_refcount_order ? kHeaderRefcountOrderOffset + 4 - kHeaderRefcountTableOffset : 12);
+  if (set_refcount_order) {
+    Result<void> current =
+        co_await io::pread(file, kHeaderRefcountTableOffset, fields.data(), fields.size());
+    if (!current) {
+      co_return current.error().with_prefix("ERROR setting reftable");
+    }
+    uint8_t* order = fields.data() + (kHeaderRefcountOrderOffset - kHeaderRefcountTableOffset);
+    for (int i = 0; i < 4; ++i) {
+      order[i] = static_cast<uint8_t>(header.refcount_order >> (24 - 8 * i));
+    }
+  }
+  put_be64(fields.data(), table_offset);
   const uint32_t clusters32 = static_cast<uint32_t>(table_clusters);
   for (int i = 0; i < 4; ++i) {
     fields[8 + i] = static_cast<uint8_t>(clusters32 >> (24 - 8 * i));
   }
-  written = co_await io::pwrite(file, kHeaderRefcountTableOffset, fields, sizeof(fields));
+  written = co_await io::pwrite(file, kHeaderRefcountTableOffset, fields.data(), fields.size());
   if (written) {
     written = co_await io::flush(file);
   }

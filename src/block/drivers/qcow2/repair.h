@@ -35,9 +35,12 @@ struct RebuiltRefcounts {
 // table (written and flushed last). The old structure is leaked, for the caller's second pass to
 // reclaim. Fails with QEMU's texts ("ERROR allocating refblock", "ERROR writing refblock",
 // "ERROR writing reftable", "ERROR setting reftable") and leaves the old structure in use when
-// the header was not updated.
+// the header was not updated. With `set_refcount_order` the structure is built with
+// header.refcount_order and the header's refcount_order field changes in the same write as the
+// table fields (amend of refcount_bits; version 3 images).
 aio::Task<Result<RebuiltRefcounts>> rebuild_refcount_structure(Node& file, const Header& header,
-                                                               std::vector<uint64_t>& imrt);
+                                                               std::vector<uint64_t>& imrt,
+                                                               bool set_refcount_order = false);
 
 // QEMU's qcow2_mark_clean + qcow2_mark_consistent: flushes the file, then clears the dirty and
 // corrupt incompatible bits in the header (version 3 images only carry them) and flushes again.
