@@ -2,6 +2,7 @@
 
 #include "block/drivers/blkdebug/blkdebug_node.h"
 #include "block/drivers/cbw/cbw_node.h"
+#include "block/drivers/cor/cor_node.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/file/file_node.h"
 #include "block/drivers/nbd/nbd_node.h"
@@ -15,6 +16,7 @@ namespace {
 const Driver kDrivers[] = {
     {"blkdebug", &BlkdebugNode::parse, &BlkdebugNode::open},
     {"copy-before-write", &CbwNode::parse, &CbwNode::open},
+    {"copy-on-read", &CorNode::parse, &CorNode::open},
     {"file", &FileNode::parse, &FileNode::open},
     {"nbd", &NbdNode::parse, &NbdNode::open},
     {"null-aio", &NullNode::parse, &NullNode::open_aio},

@@ -108,6 +108,9 @@ enum RequestFlags : uint32_t {
   // notifiers such as copy-before-write read old data while the write that triggered them holds
   // its range.
   kRequestNoSerialising = 1u << 16,
+  // A read that copies what it finds below the node into the node (QEMU's
+  // BDRV_REQ_COPY_ON_READ): see io::preadv.
+  kRequestCopyOnRead = 1u << 17,
 };
 
 // Result of a block-status query over [offset, offset + bytes).

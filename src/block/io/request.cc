@@ -292,6 +292,9 @@ aio::Task<Result<void>> preadv(Node& node, uint64_t offset, IoVector qiov, uint3
   if (bytes == 0) {
     co_return ok();
   }
+  if ((flags & kRequestCopyOnRead) != 0) {
+    co_return co_await detail::copy_on_read(node, offset, std::move(qiov));
+  }
   RequestTracker& tracker = node.requests();
   if (tracker.quiesced()) {
     co_await tracker.wait_until_unquiesced();

@@ -42,7 +42,12 @@ namespace io {
 inline constexpr uint64_t kMaxBounceBytes = 1u << 20;
 
 // Reads qiov.size() bytes at `offset`. flags: kRequestSerialising (copy-on-read style: wait for
-// and block overlapping requests), kRequestNoSerialising.
+// and block overlapping requests), kRequestNoSerialising, kRequestCopyOnRead (QEMU's
+// bdrv_co_do_copy_on_readv: the range, widened to the node's clusters, is held as a serialising
+// request; parts not allocated in the node itself are read into a bounce buffer - never the
+// caller's - and written into the node (zeroes as write-zeroes), then copied out; the node
+// must be writable, and the writes mark dirty bitmaps but run no write notifiers, since they
+// do not change what the node reads as).
 aio::Task<Result<void>> preadv(Node& node, uint64_t offset, IoVector qiov, uint32_t flags = 0);
 // Writes qiov.size() bytes at `offset`. An unaligned write is a read-modify-write of its head and
 // tail blocks, serialised against every overlapping request. flags: kRequestFua,
@@ -68,6 +73,18 @@ aio::Task<Result<void>> pwrite_zeroes(Node& node, uint64_t offset, uint64_t byte
 // at least 1 byte. kRecurse answers are resolved in their file; kAllocated is set whenever kData or
 // kZero is. Fails with EINVAL when offset is at or past the end, or bytes is 0.
 aio::Task<Result<BlockStatus>> block_status(Node& node, uint64_t offset, uint64_t bytes);
+// QEMU's bdrv_is_allocated_above (include_base false): whether some node from `top` down its
+// backing chain (through filters), stopping above `base` (nullptr: the whole chain), holds the
+// data at `offset` itself, and for how many bytes (<= `bytes`, > 0) that answer holds. A layer
+// that ends before `offset` counts as allocated there (it reads as zeroes, not as what is
+// below it).
+struct Allocation {
+  bool allocated = false;
+  uint64_t bytes = 0;
+};
+aio::Task<Result<Allocation>> is_allocated_above(Node& top, const Node* base, uint64_t offset,
+                                                 uint64_t bytes);
+
 // Resizes the node; serialised against every request in the range between old and new size.
 aio::Task<Result<void>> truncate(Node& node, uint64_t new_size, bool exact);
 

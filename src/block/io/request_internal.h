@@ -51,6 +51,9 @@ aio::Task<Result<void>> driver_pwritev(Node& node, uint64_t offset, IoVector qio
 // written since their last flush) and marks the range in the node's enabled dirty bitmaps.
 void write_finished(Node& node, uint64_t offset, uint64_t bytes);
 
+// io::preadv with kRequestCopyOnRead (request_cor.cc).
+aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov);
+
 // True for an error that means "this driver cannot do that" (ENOTSUP / kUnsupported).
 bool is_not_supported(const Error& error);
 

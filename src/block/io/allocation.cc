@@ -1,0 +1,50 @@
+// Allocation queries over a backing chain (QEMU's bdrv_co_is_allocated_above).
+
+#include <algorithm>
+
+#include "block/io/request.h"
+
+namespace strata::block::io {
+
+namespace {
+
+// The node below `node` in its chain: the backing file of a format, the filtered child of a
+// filter, nothing for a protocol node.
+Node* below(const Node& node) {
+  if (Child* backing = node.backing_child()) {
+    return backing->node();
+  }
+  if (node.is_filter()) {
+    Child* primary = node.primary_child();
+    return primary != nullptr ? primary->node() : nullptr;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+aio::Task<Result<Allocation>> is_allocated_above(Node& top, const Node* base, uint64_t offset,
+                                                 uint64_t bytes) {
+  uint64_t run = bytes;
+  for (Node* node = &top; node != nullptr && node != base; node = below(*node)) {
+    if (offset >= node->length()) {
+      // Past this layer's end the chain reads zeroes from here, not what lies below.
+      co_return Allocation{true, run};
+    }
+    run = std::min(run, node->length() - offset);
+    if (node->is_filter() && node->backing_child() == nullptr) {
+      continue;  // a filter holds no data of its own
+    }
+    Result<BlockStatus> status = co_await node->co_block_status(offset, run);
+    if (!status) {
+      co_return status.error();
+    }
+    run = std::min(run, std::max<uint64_t>(status->bytes, 1));
+    if ((status->flags & BlockStatus::kAllocated) != 0) {
+      co_return Allocation{true, run};
+    }
+  }
+  co_return Allocation{false, run};
+}
+
+}  // namespace strata::block::io
