@@ -7,6 +7,7 @@
 #include "daemon/bitmap_commands.h"
 #include "daemon/block_job_commands.h"
 #include "daemon/exports.h"
+#include "daemon/stream_command.h"
 #include "daemon/transaction.h"
 
 namespace strata::daemon {
@@ -52,6 +53,7 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_job_commands();
   register_block_job_commands(*this);
   register_backup_command(*this);
+  register_stream_command(*this);
   jobs_.set_event_sink(
       [this](std::string name, nlohmann::json data) { monitors_.emit_event(name, data); });
   exports_ = std::make_unique<ExportManager>(*this);

@@ -177,4 +177,12 @@ Child* Node::primary_child() const {
   return nullptr;
 }
 
+aio::Task<Result<void>> Node::co_change_backing_file(std::string file, std::string format) {
+  (void)file;
+  (void)format;
+  co_return Error(ErrorKind::kUnsupported,
+                  std::string("Driver '") + driver_name() + "' does not support backing files",
+                  ENOTSUP);
+}
+
 }  // namespace strata::block

@@ -127,6 +127,10 @@ struct BlockStatus {
   uint32_t flags = 0;
   uint64_t map_offset = 0;  // offset in `file` when kOffsetValid
   Node* file = nullptr;
+
+  // For a driver's own answer (Node::co_block_status): the node itself holds the run (data or
+  // zeroes of its own), rather than its backing file (QEMU's bdrv_is_allocated).
+  bool allocated_here() const { return (flags & (kData | kZero | kAllocated)) != 0; }
 };
 
 // Options every node has (blockdev-add common members).
@@ -261,6 +265,10 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
     std::string format;     // "" when the image stores none
   };
   virtual std::optional<BackingFileName> backing_file_name() const { return std::nullopt; }
+  // QEMU's bdrv_change_backing_file: records another backing file name and format ("" for
+  // none) in the image's metadata; the attached backing node does not change. Formats without
+  // backing files fail with ENOTSUP.
+  virtual aio::Task<Result<void>> co_change_backing_file(std::string file, std::string format);
   // ImageInfo "dirty-flag" for drivers that report image info (QEMU: drivers with get_info).
   virtual std::optional<bool> dirty_flag() const { return std::nullopt; }
   // Internal snapshots (QEMU's QEMUSnapshotInfo from bdrv_snapshot_list), in table order; empty

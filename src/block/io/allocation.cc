@@ -40,7 +40,7 @@ aio::Task<Result<Allocation>> is_allocated_above(Node& top, const Node* base, ui
       co_return status.error();
     }
     run = std::min(run, std::max<uint64_t>(status->bytes, 1));
-    if ((status->flags & BlockStatus::kAllocated) != 0) {
+    if (status->allocated_here()) {
       co_return Allocation{true, run};
     }
   }

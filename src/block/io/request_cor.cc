@@ -54,7 +54,7 @@ aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov)
       co_return status.error();
     }
     const uint64_t run = std::min(std::max<uint64_t>(status->bytes, 1), end - pos);
-    const bool copy = can_copy && (status->flags & BlockStatus::kAllocated) == 0;
+    const bool copy = can_copy && !status->allocated_here();
     for (uint64_t at = pos; at < pos + run;) {
       const uint64_t len = std::min(chunk, pos + run - at);
       char* data = buffer->data();

@@ -491,7 +491,6 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
 
 Result<void> Qcow2Node::open_backing(OpenContext& context, const Qcow2Options& options) {
   if (options.backing) {
-    backing_overridden_ = true;
     if (options.backing->is_null) {
       return ok();
     }
@@ -718,15 +717,24 @@ std::optional<std::string> Qcow2Node::exact_filename() const {
   // QEMU's bdrv_refresh_filename: a plain filename unless the backing file is overridden. A
   // data-file option does not change it (qemu-storage-daemon 10.0.2 reports the image file's
   // name whichever data-file node is given).
-  if (backing_overridden_) {
+  if (backing_overridden()) {
     return std::nullopt;
   }
   return file().exact_filename();
 }
 
+bool Qcow2Node::backing_overridden() const {
+  // QEMU's bdrv_backing_overridden: the attached backing node is not the one the image names.
+  const std::optional<std::string> named = full_backing_filename();
+  if (Child* backing = backing_child()) {
+    return !named || *named != backing->node()->filename();
+  }
+  return named.has_value();
+}
+
 nlohmann::json Qcow2Node::strong_options() const {
   nlohmann::json options = nlohmann::json::object();
-  if (backing_overridden_ && backing_child() == nullptr) {
+  if (backing_child() == nullptr && backing_overridden()) {
     options["backing"] = nullptr;
   }
   return options;

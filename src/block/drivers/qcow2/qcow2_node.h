@@ -150,6 +150,9 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // bytes or a backing file on an image with a raw external data file, ENOSPC when the header
   // cluster is full. The attached backing node does not change. Exclusive lock.
   aio::Task<Result<void>> change_backing_file(std::string backing_file, std::string backing_format);
+  aio::Task<Result<void>> co_change_backing_file(std::string file, std::string format) override {
+    return change_backing_file(std::move(file), std::move(format));
+  }
 
   // QEMU's qcow2_make_empty (the general path, discard with full_discard): every L2 entry becomes
   // 0, so the whole image reads from its backing file (or as zeroes). Each L2 table's entries are
@@ -308,6 +311,9 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // old structure freed. Fails with QEMU's text, image unchanged, when a refcount does not fit.
   // meta_ and the exclusive lock held.
   aio::Task<Result<void>> change_refcount_order(uint32_t order);
+  // QEMU's bdrv_backing_overridden: the backing node attached is not the file the image
+  // names (then the node's filename is a json: description).
+  bool backing_overridden() const;
   aio::Task<Result<void>> rewrite_zero_cluster(aio::CoMutex::Guard& meta, const L2Ref& ref,
                                                uint64_t offset, uint64_t bytes, IoVector data);
   aio::Task<Result<void>> allocate_run(aio::CoMutex::Guard& meta, const L2Ref& first,
@@ -510,7 +516,6 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   std::string image_backing_file_;
   std::string image_backing_format_;
   std::optional<std::string> image_data_file_;
-  bool backing_overridden_ = false;
   Child* data_file_ = nullptr;
   std::unique_ptr<ClusterMap> map_;
   // What a header rewrite keeps (backing names, extensions, the bitmaps extension fields).

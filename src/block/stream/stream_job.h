@@ -1,0 +1,36 @@
+#pragma once
+// The stream job (QEMU's block/stream.c): copies into `top` every region that `top` reads from
+// its backing chain above `base`, then makes `base` (or nothing) the backing file of `top`, in
+// the image's metadata and in the graph; the nodes in between are released. Copies are
+// copy-on-read requests of `top` (io::preadv with kRequestCopyOnRead), so a guest write that
+// overlaps a copy waits for it, and a region a guest wrote first is not copied over.
+//
+// Errors follow `on_error` (QEMU's stream_run: stop pauses and retries the chunk, ignore moves
+// on but the job still fails with the first error at the end, report fails at once).
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "block/graph/graph.h"
+#include "block/job/block_job.h"
+
+namespace strata::block::stream {
+
+struct StreamOptions {
+  std::string job_id;
+  std::shared_ptr<Node> top;
+  std::shared_ptr<Node> base;  // nullptr: stream the whole chain
+  // The backing file name recorded in `top` afterwards (default: base's filename).
+  std::optional<std::string> backing_file;
+  bool backing_mask_protocol = false;  // record "raw" rather than a protocol driver name
+  job::OnError on_error = job::OnError::kReport;
+  job::Job::Flags flags;
+};
+
+// Builds the job with its root edge on `top` (consistent read and unchanged writes) after the
+// permission checks; neither registered nor started.
+Result<std::unique_ptr<job::BlockJob>> create_stream_job(Graph& graph, StreamOptions options);
+
+}  // namespace strata::block::stream

@@ -1,0 +1,154 @@
+#include "daemon/stream_command.h"
+
+#include "base/arg_decoder.h"
+#include "block/stream/stream_job.h"
+#include "daemon/daemon.h"
+
+namespace strata::daemon {
+
+namespace {
+
+Error generic(std::string message) {
+  return make_error(ErrorKind::kInvalidArgument, std::move(message));
+}
+
+// The next node down `node`'s chain (backing file of a format, filtered child of a filter).
+block::Node* below(const block::Node& node) {
+  if (block::Child* backing = node.backing_child()) {
+    return backing->node();
+  }
+  if (node.is_filter() && node.primary_child() != nullptr) {
+    return node.primary_child()->node();
+  }
+  return nullptr;
+}
+
+bool chain_contains(block::Node& top, const block::Node& wanted) {
+  for (block::Node* node = &top; node != nullptr; node = below(*node)) {
+    if (node == &wanted) {
+      return true;
+    }
+  }
+  return false;
+}
+
+Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) {
+  ArgDecoder d(args);
+  std::optional<std::string> job_id = d.opt_str("job-id");
+  std::string device = d.str("device");
+  std::optional<std::string> base = d.opt_str("base");
+  std::optional<std::string> base_node = d.opt_str("base-node");
+  std::optional<std::string> backing_file = d.opt_str("backing-file");
+  bool backing_mask_protocol = d.opt_bool("backing-mask-protocol").value_or(false);
+  std::optional<std::string> bottom = d.opt_str("bottom");
+  std::optional<int64_t> speed = d.opt_i64("speed");
+  std::string on_error = d.opt_enum("on-error", block::job::on_error_names()).value_or("report");
+  std::optional<std::string> filter_node_name = d.opt_str("filter-node-name");
+  bool auto_finalize = d.opt_bool("auto-finalize").value_or(true);
+  bool auto_dismiss = d.opt_bool("auto-dismiss").value_or(true);
+  auto decoded = d.finish();
+  if (!decoded) {
+    return std::move(decoded).error();
+  }
+  if (base && base_node) {
+    return generic("'base' and 'base-node' cannot be specified at the same time");
+  }
+  if (base && bottom) {
+    return generic("'base' and 'bottom' cannot be specified at the same time");
+  }
+  if (bottom && base_node) {
+    return generic("'bottom' and 'base-node' cannot be specified at the same time");
+  }
+  block::Graph& graph = daemon.graph();
+  block::Node* top = graph.find(device);
+  if (top == nullptr) {
+    return make_error(ErrorKind::kNotFound,
+                      "Cannot find device='" + device + "' nor node-name='" + device + "'");
+  }
+  block::Node* base_bs = nullptr;
+  if (base) {
+    // QEMU's bdrv_find_backing_image: a file name in the chain below the top.
+    for (block::Node* node = below(*top); node != nullptr; node = below(*node)) {
+      if (node->filename() == *base) {
+        base_bs = node;
+        break;
+      }
+    }
+    if (base_bs == nullptr) {
+      return generic("Can't find '" + *base + "' in the backing chain");
+    }
+  }
+  if (base_node) {
+    base_bs = graph.find(*base_node);
+    if (base_bs == nullptr) {
+      return make_error(ErrorKind::kNotFound,
+                        "Cannot find device='' nor node-name='" + *base_node + "'");
+    }
+    if (base_bs == top || !chain_contains(*top, *base_bs)) {
+      return generic("Node '" + *base_node + "' is not a backing image of '" + device + "'");
+    }
+  }
+  if (bottom) {
+    block::Node* bottom_bs = graph.find(*bottom);
+    if (bottom_bs == nullptr) {
+      return make_error(ErrorKind::kNotFound,
+                        "Cannot find device='' nor node-name='" + *bottom + "'");
+    }
+    if (bottom_bs->is_filter()) {
+      return generic("Bottom node '" + *bottom + "' is a filter");
+    }
+    if (bottom_bs == top || !chain_contains(*top, *bottom_bs)) {
+      return generic("Node '" + *bottom + "' is not in a chain starting from '" + device + "'");
+    }
+    base_bs = below(*bottom_bs);
+  }
+  if (base_bs == nullptr && backing_file) {
+    return generic("backing file specified, but streaming the entire chain");
+  }
+  if (filter_node_name) {
+    // strata streams through copy-on-read requests of the top node; no filter node is inserted
+    // that could carry the name.
+    return make_error(ErrorKind::kUnsupported,
+                      "filter-node-name is not supported by strata's block-stream");
+  }
+
+  block::stream::StreamOptions options;
+  options.job_id = job_id.value_or("");
+  options.top = top->shared_from_this();
+  options.base = base_bs != nullptr ? base_bs->shared_from_this() : nullptr;
+  options.backing_file = backing_file;
+  options.backing_mask_protocol = backing_mask_protocol;
+  options.on_error = *block::job::parse_on_error(on_error);
+  options.flags.auto_finalize = auto_finalize;
+  options.flags.auto_dismiss = auto_dismiss;
+  auto job = block::stream::create_stream_job(graph, std::move(options));
+  if (!job) {
+    return std::move(job).error();
+  }
+  block::job::JobManager& jobs = daemon.jobs();
+  auto created = jobs.create(std::move(job).value());
+  if (!created) {
+    return std::move(created).error();
+  }
+  if (speed) {
+    auto speed_set = jobs.set_speed(**created, *speed);
+    if (!speed_set) {
+      jobs.early_fail(**created);
+      return std::move(speed_set).error();
+    }
+  }
+  jobs.start(**created);
+  return nlohmann::json::object();
+}
+
+}  // namespace
+
+void register_stream_command(Daemon& daemon) {
+  daemon.command_table().add(
+      "block-stream",
+      [&daemon](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+        co_return block_stream(daemon, args);
+      });
+}
+
+}  // namespace strata::daemon
