@@ -202,3 +202,54 @@ def test_copy_on_read_filter_allocates_the_top(daemon):
     check_clean(top)
     r = compare(top, expected)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def add_chain_with_faulty_mid(q, base, mid, top, once):
+    """base <- mid <- top, mid's reads of guest data failing with EIO (blkdebug read_aio)."""
+    q.ok("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                          "file": {"driver": "file", "filename": base}})
+    q.ok("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                          "file": {"driver": "blkdebug",
+                                   "inject-error": [{"event": "read_aio", "errno": 5,
+                                                     "once": once}],
+                                   "image": {"driver": "file", "filename": mid}}})
+    q.ok("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                          "file": {"driver": "file", "filename": top}})
+
+
+def test_read_error_reports_and_keeps_the_chain(daemon):
+    d = daemon()
+    base, mid, top, _ = make_chain(d)
+    add_chain_with_faulty_mid(d.qmp, base, mid, top, once=False)
+    events = stream_to_end(d.qmp, {"job-id": "s0", "device": "top"})
+    assert [e for e in events if isinstance(e, str)] == [
+        "created", "running", "aborting", "concluded", "null"]
+    errors = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_ERROR"]
+    assert errors and errors[0]["operation"] == "read" and errors[0]["action"] == "report"
+    completed = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_COMPLETED"]
+    assert completed[0]["error"] == "Input/output error"
+    nodes = {n["node-name"]: n for n in d.qmp.ok("query-named-block-nodes")}
+    assert mid in nodes["top"]["backing_file"]  # (a json: name, since mid is over blkdebug)
+
+
+def test_read_error_stop_then_resume(daemon):
+    d = daemon()
+    base, mid, top, expected = make_chain(d)
+    add_chain_with_faulty_mid(d.qmp, base, mid, top, once=True)
+    r, before = run_cmd(d.qmp, "block-stream", {"job-id": "s0", "device": "top",
+                                                "on-error": "stop"})
+    assert r == {"return": {}}, r
+    events = through(d.qmp, before, "paused")
+    errors = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_ERROR"]
+    assert errors and errors[0]["action"] == "stop"
+    assert d.qmp.ok("query-block-jobs")[0]["io-status"] == "failed"
+    d.qmp.ok("block-job-resume", {"device": "s0"})
+    events = collect_until(d.qmp, "null")
+    completed = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_COMPLETED"]
+    assert completed and "error" not in completed[0]
+    d.qmp.ok("blockdev-del", {"node-name": "top"})
+    d.qmp.ok("blockdev-del", {"node-name": "mid"})
+    d.qmp.ok("blockdev-del", {"node-name": "base"})
+    check_clean(top)
+    r = compare(top, expected)
+    assert r.returncode == 0, r.stdout + r.stderr
