@@ -6,6 +6,7 @@
 #include "daemon/backup_command.h"
 #include "daemon/bitmap_commands.h"
 #include "daemon/block_job_commands.h"
+#include "daemon/commit_command.h"
 #include "daemon/exports.h"
 #include "daemon/stream_command.h"
 #include "daemon/transaction.h"
@@ -54,6 +55,7 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_block_job_commands(*this);
   register_backup_command(*this);
   register_stream_command(*this);
+  register_commit_command(*this);
   jobs_.set_event_sink(
       [this](std::string name, nlohmann::json data) { monitors_.emit_event(name, data); });
   exports_ = std::make_unique<ExportManager>(*this);

@@ -120,7 +120,9 @@ Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string
   nlohmann::json options =
       driver == "file" ? file_options : nlohmann::json{{"driver", driver}, {"file", file_options}};
   if (!inherit_read_only) {
+    // QEMU's bdrv_backing_options: read-only, but may become writable (block-commit).
     options["read-only"] = true;
+    options["auto-read-only"] = true;
   }
   ArgDecoder d(options);
   BlockdevRef ref;
@@ -462,6 +464,7 @@ Result<void> Qcow2Node::load(OpenContext& context, const Qcow2Options& options) 
   overlap_checks_ = overlap_checks(options.overlap_check, options.overlap_flags);
   lazy_refcounts_ =
       options.lazy_refcounts.value_or((header_.compatible_features & kCompatLazyRefcounts) != 0);
+  refcount_cache_blocks_ = caches->refcount_blocks;
   if (!context.options().read_only) {
     const bool was_dirty = (header_.incompatible_features & kIncompatDirty) != 0;
     Result<void> prepared = prepare_writes(
@@ -721,6 +724,26 @@ std::optional<std::string> Qcow2Node::exact_filename() const {
     return std::nullopt;
   }
   return file().exact_filename();
+}
+
+Result<void> Qcow2Node::check_perm(uint64_t perm, uint64_t shared) {
+  // A node opened read-only that becomes writable (reopen, or block-commit making its base
+  // writable) loads what writing needs first, as a read-write open does.
+  const bool writes = (perm & (kPermWrite | kPermWriteUnchanged)) != 0;
+  if (writes && refcounts_ == nullptr && !is_read_only() && is_active()) {
+    auto reader = OpenReader::create();
+    if (!reader) {
+      return std::move(reader).error();
+    }
+    Extensions unused;
+    Result<void> prepared = prepare_writes(
+        unused, refcount_cache_blocks_,
+        [&](aio::Task<Result<void>> task) { return reader->run(std::move(task)); }, true);
+    if (!prepared) {
+      return prepared;
+    }
+  }
+  return Node::check_perm(perm, shared);
 }
 
 bool Qcow2Node::backing_overridden() const {

@@ -123,6 +123,7 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
                                            uint32_t flags) override;
   aio::Task<Result<BlockStatus>> co_block_status(uint64_t offset, uint64_t bytes) override;
   aio::Task<Result<void>> co_truncate(uint64_t new_size, bool exact) override;
+  Result<void> check_perm(uint64_t perm, uint64_t shared) override;
   // After a growing truncate from `from` to `to`: gives every unmapped guest cluster of the new
   // area a host cluster (metadata), also reserved in the file (falloc) or filled with zeroes
   // (full), as qemu-img resize --preallocation does (prealloc.cc). Flushes.
@@ -502,9 +503,11 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   std::vector<uint8_t> zero_cluster_;     // zeroes for COW regions (written from, never changed)
   std::unique_ptr<Refcounts> refcounts_;  // only when opened read-write
   bool pass_discard_request_ = true;
-  bool discard_no_unref_ = false;  // discard-no-unref: discards keep clusters allocated
-  bool lazy_refcounts_ = false;    // lazy-refcounts option (default: the image's compat bit)
-  uint32_t overlap_checks_ = 0;    // OverlapBits enabled by the overlap-check option
+  bool discard_no_unref_ = false;
+  uint64_t refcount_cache_blocks_ = 0;  // refcount-cache-size, for a later switch to writing  //
+                                        // discard-no-unref: discards keep clusters allocated
+  bool lazy_refcounts_ = false;         // lazy-refcounts option (default: the image's compat bit)
+  uint32_t overlap_checks_ = 0;         // OverlapBits enabled by the overlap-check option
   bool signaled_corruption_ = false;
   bool corrupted_ = false;  // a fatal corruption was signalled: no more I/O
   // Where the next compressed cluster may be packed (0: start a new host cluster). Reset when a

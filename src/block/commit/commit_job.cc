@@ -1,0 +1,208 @@
+#include "block/commit/commit_job.h"
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "aio/event_loop.h"
+#include "block/io/request.h"
+
+namespace strata::block::commit {
+
+namespace {
+
+// QEMU's COMMIT_BUFFER_SIZE.
+constexpr uint64_t kChunk = 512 << 10;
+constexpr uint64_t kMaxSleepNs = 100'000'000;
+
+class CommitJob : public job::BlockJob, public BlockParent {
+ public:
+  CommitJob(Graph& graph, CommitOptions options)
+      : BlockJob(options.job_id, "commit", options.flags),
+        graph_(graph),
+        options_(std::move(options)) {}
+
+  ~CommitJob() override { release(); }
+
+  std::string parent_description() const override { return "commit job '" + id() + "'"; }
+
+  Result<void> attach() {
+    // QEMU's commit_start: "convert base to r/w, if necessary".
+    if (options_.base->is_read_only()) {
+      make_base_writable();
+    }
+    // The top is read; the base is written (and may be resized); others may go on reading
+    // both.
+    auto top = graph_.attach_root(*this, options_.top, "top", kRoleData, kPermConsistentRead,
+                                  kPermAll & ~kPermResize);
+    if (!top) {
+      return std::move(top).error();
+    }
+    top_root_ = std::move(top).value();
+    auto base = graph_.attach_root(*this, options_.base, "base", kRoleData,
+                                   kPermConsistentRead | kPermWrite | kPermResize,
+                                   kPermConsistentRead | kPermWriteUnchanged);
+    if (!base) {
+      release();
+      return std::move(base).error();
+    }
+    base_root_ = std::move(base).value();
+    return ok();
+  }
+
+ protected:
+  aio::Task<Result<void>> run() override {
+    Node& top = *options_.top;
+    Node& base = *options_.base;
+    const uint64_t length = top.length();
+    if (base.length() < length) {
+      Result<void> grown = co_await io::truncate(base, length, false);
+      if (!grown) {
+        co_return grown;
+      }
+    }
+    progress_set_remaining(length);
+    std::vector<char> buffer(kChunk);
+    std::optional<Error> first_error;
+    for (uint64_t offset = 0; offset < length;) {
+      if (is_cancelled()) {
+        co_return ok();
+      }
+      co_await pause_point();
+      if (is_cancelled()) {
+        co_return ok();
+      }
+      const uint64_t want = std::min(kChunk, length - offset);
+      Result<io::Allocation> above = co_await io::is_allocated_above(top, &base, offset, want);
+      if (!above) {
+        co_return above.error();
+      }
+      const uint64_t bytes = above->bytes;
+      if (above->allocated) {
+        bool is_read = true;
+        Result<void> copied = co_await io::pread(top, offset, buffer.data(), bytes);
+        if (copied) {
+          is_read = false;
+          copied = co_await io::pwrite(base, offset, buffer.data(), bytes);
+        }
+        if (!copied) {
+          const job::ErrorAction action =
+              error_action(options_.on_error, is_read, copied.error().errno_value());
+          if (action == job::ErrorAction::kStop) {
+            continue;  // paused; the chunk is tried again after the resume
+          }
+          if (!first_error) {
+            first_error = copied.error();
+          }
+          if (action == job::ErrorAction::kReport) {
+            break;
+          }
+        }
+      }
+      progress_update(bytes);
+      offset += bytes;
+      if (above->allocated) {
+        co_await rate_limit(bytes);
+      }
+    }
+    if (first_error) {
+      co_return Error::from_errno(first_error->errno_value(), "");
+    }
+    Result<void> flushed = co_await io::flush(base);
+    if (!flushed) {
+      co_return flushed;
+    }
+    co_return co_await drop_intermediate();
+  }
+
+  void clean() override { release(); }
+
+ private:
+  aio::Task<void> rate_limit(uint64_t bytes) {
+    uint64_t delay = ratelimit_delay_ns(bytes);
+    while (delay > 0 && !is_cancelled() && speed() != 0) {
+      const uint64_t step = std::min(delay, kMaxSleepNs);
+      co_await aio::EventLoop::current()->sleep_for(std::chrono::nanoseconds(step));
+      delay -= step;
+    }
+  }
+
+  // QEMU's bdrv_drop_intermediate: the overlay names the base and uses it.
+  aio::Task<Result<void>> drop_intermediate() {
+    Node& overlay = *options_.overlay;
+    Node& base = *options_.base;
+    std::string format = base.format_name();
+    if (options_.backing_mask_protocol && base.primary_child() == nullptr) {
+      format = "raw";
+    }
+    Result<void> changed = co_await overlay.co_change_backing_file(
+        options_.backing_file.value_or(base.filename()), format);
+    if (!changed) {
+      co_return changed;
+    }
+    Child* backing = overlay.backing_child();
+    if (backing == nullptr || backing->node() != options_.top.get()) {
+      co_return ok();  // the graph changed meanwhile; the image names the base already
+    }
+    co_return graph_.replace_child(backing, options_.base);
+  }
+
+  // The base, and the storage children below it that are read-only only by inheritance
+  // (auto-read-only), become writable for the job; release() turns them back.
+  void make_base_writable() {
+    std::vector<Node*> nodes{options_.base.get()};
+    for (const auto& child : options_.base->children()) {
+      Node& below = *child->node();
+      if ((child->role() & kRoleCow) == 0 && below.is_read_only() &&
+          below.common_options().auto_read_only) {
+        nodes.push_back(&below);
+      }
+    }
+    for (Node* node : nodes) {
+      CommonOptions writable = node->common_options();
+      writable.read_only = false;
+      node->set_common_options(writable);
+      made_writable_.push_back(node->shared_from_this());
+    }
+    (void)graph_.refresh_perms(nodes);
+  }
+
+  void release() {
+    if (base_root_) {
+      graph_.detach_root(std::move(base_root_));
+    }
+    if (top_root_) {
+      graph_.detach_root(std::move(top_root_));
+    }
+    if (!made_writable_.empty()) {
+      std::vector<Node*> nodes;
+      for (const auto& node : made_writable_) {
+        CommonOptions read_only = node->common_options();
+        read_only.read_only = true;
+        node->set_common_options(read_only);
+        nodes.push_back(node.get());
+      }
+      made_writable_.clear();
+      (void)graph_.refresh_perms(nodes);  // the file descriptors go back to read-only
+    }
+  }
+
+  Graph& graph_;
+  CommitOptions options_;
+  std::unique_ptr<Child> top_root_;
+  std::unique_ptr<Child> base_root_;
+  std::vector<std::shared_ptr<Node>> made_writable_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<job::BlockJob>> create_commit_job(Graph& graph, CommitOptions options) {
+  auto job = std::make_unique<CommitJob>(graph, std::move(options));
+  auto attached = job->attach();
+  if (!attached) {
+    return std::move(attached).error();
+  }
+  return std::unique_ptr<job::BlockJob>(std::move(job));
+}
+
+}  // namespace strata::block::commit
