@@ -5,13 +5,12 @@ base is opened read-only with auto-read-only, so the commit reopens it read-writ
 and read-only afterwards (dynamic read-only).
 """
 
-import json
 import os
 import subprocess
 
 import pytest
 
-from test_backup_jobs import collect_until, compare, img, qio, run_cmd, through
+from test_backup_jobs import compare, img, qio, run_cmd, start_nbd, through
 from test_stream import check_clean, info, make_chain
 
 MiB = 1 << 20
@@ -50,11 +49,6 @@ def test_commit_in_an_implicit_chain(daemon):
     check_clean(base)
     r = compare(top, expected)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-def ro(q, node):
-    nodes = {n["node-name"]: n for n in q.ok("query-named-block-nodes", {"flat": True})}
-    return nodes[node]["ro"]
 
 
 def commit_to_end(q, args):
@@ -126,3 +120,26 @@ def test_argument_errors(daemon, args, needle):
     r = d.qmp.cmd_args("block-commit", dict({"job-id": "c0", "device": "top"}, **args))
     assert "error" in r and needle in r["error"]["desc"], r
     assert d.qmp.ok("query-block-jobs") == []
+
+
+def test_qcow2_reopened_read_write_takes_writes(daemon):
+    # A qcow2 node opened read-only loads what writing needs when a reopen makes it writable.
+    d = daemon()
+    path = os.path.join(d.dir, "ro.qcow2")
+    img("create", "-q", "-f", "qcow2", path, "4M")
+    qio("-f", "qcow2", "-c", "write -P 0x51 0 1M", path)
+    d.qmp.ok("blockdev-add", {"driver": "file", "node-name": "f", "filename": path,
+                              "read-only": True})
+    d.qmp.ok("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f",
+                              "read-only": True})
+    d.qmp.ok("blockdev-reopen", {"options": [
+        {"driver": "file", "node-name": "f", "filename": path},
+        {"driver": "qcow2", "node-name": "q", "file": "f"}]})
+    uri = start_nbd(d, "q")
+    qio("-f", "raw", "-c", "write -P 0x52 2M 1M", "-c", "read -P 0x51 0 1M", uri)
+    d.qmp.ok("block-export-del", {"id": "exp-q"})
+    d.qmp.ok("nbd-server-stop")
+    d.qmp.ok("blockdev-del", {"node-name": "q"})
+    d.qmp.ok("blockdev-del", {"node-name": "f"})
+    check_clean(path)
+    qio("-f", "qcow2", "-c", "read -P 0x52 2M 1M", "-c", "read -P 0x51 0 1M", path)
