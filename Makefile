@@ -5,7 +5,8 @@
 #   make test       sanitizer build (build-asan/) and every test through CTest
 #   make test-long  make test, then a long fuzzing soak
 #   make bench      benchmarks side by side with QEMU's tools and fio (scripts/run-benchmarks,
-#                   scripts/bench-img, scripts/bench-convert, scripts/bench-nbd)
+#                   scripts/bench-img, scripts/bench-convert, scripts/bench-nbd,
+#                   scripts/bench-stream)
 #   make fuzz       libFuzzer targets (clang), each run briefly
 #   make format     rewrite the tree with clang-format
 
@@ -47,6 +48,7 @@ bench: deps-peers
 	scripts/bench-img
 	scripts/bench-convert
 	scripts/bench-nbd
+	scripts/bench-stream
 
 fuzz: deps
 	cmake --preset fuzz

@@ -29,7 +29,10 @@ IoThread::IoThread(std::string id, std::unique_ptr<aio::EventLoop> loop)
 }
 
 IoThread::~IoThread() {
-  loop_->stop();
+  // Stop from inside the loop: EventLoop::run() clears an earlier stop request when it starts,
+  // so a stop() made before the thread got there (an iothread deleted right after it was
+  // created) would be lost and the join would hang.
+  loop_->post([loop = loop_.get()] { loop->stop(); });
   thread_.join();
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "aio/event_loop.h"
+#include "aio/task_group.h"
 #include "block/io/request.h"
 
 namespace strata::block::stream {
@@ -15,6 +16,9 @@ namespace {
 constexpr uint64_t kChunk = 512 << 10;
 // The longest single sleep of the rate limit, so that pause and cancel stay responsive.
 constexpr uint64_t kMaxSleepNs = 100'000'000;
+
+// Copies in flight at once (QEMU copies one chunk at a time).
+constexpr size_t kParallel = 4;
 
 class StreamJob : public job::BlockJob, public BlockParent {
  public:
@@ -43,7 +47,8 @@ class StreamJob : public job::BlockJob, public BlockParent {
     Node& top = *options_.top;
     const uint64_t length = top.length();
     progress_set_remaining(length);
-    std::vector<char> buffer(kChunk);
+    std::vector<Piece> batch;
+    std::vector<std::vector<char>> buffers(kParallel, std::vector<char>(kChunk));
     std::optional<Error> first_error;
     for (uint64_t offset = 0; offset < length;) {
       if (is_cancelled()) {
@@ -53,45 +58,51 @@ class StreamJob : public job::BlockJob, public BlockParent {
       if (is_cancelled()) {
         co_return ok();
       }
-      uint64_t bytes = std::min(kChunk, length - offset);
-      bool copy = false;
-      Result<BlockStatus> own = co_await top.co_block_status(offset, bytes);
-      if (!own) {
-        co_return own.error();
-      }
-      bytes = std::min(bytes, std::max<uint64_t>(own->bytes, 1));
-      Child* backing = top.backing_child();
-      if (!own->allocated_here() && backing != nullptr) {
-        Result<io::Allocation> above =
-            co_await io::is_allocated_above(*backing->node(), options_.base.get(), offset, bytes);
-        if (!above) {
-          co_return above.error();
+      // The next kParallel regions to copy (regions to skip are accounted on the way).
+      batch.clear();
+      // Under a speed limit one copy at a time keeps the pace even (and pauses prompt).
+      const size_t parallel = speed() == 0 ? kParallel : 1;
+      while (offset < length && batch.size() < parallel) {
+        Result<Piece> piece = co_await next_piece(offset, length);
+        if (!piece) {
+          co_return piece.error();
         }
-        bytes = above->bytes;
-        copy = above->allocated;
+        offset += piece->bytes;
+        if (piece->copy) {
+          batch.push_back(*piece);
+        } else {
+          progress_update(piece->bytes);
+        }
       }
-      if (copy) {
-        Result<void> copied =
-            co_await io::preadv(top, offset, IoVector(buffer.data(), bytes), kRequestCopyOnRead);
-        if (!copied) {
+      // Copy them at once: each is its own copy-on-read request.
+      aio::TaskGroup copies;
+      for (size_t i = 0; i < batch.size(); ++i) {
+        copies.spawn([](Node& node, Piece& piece, char* buffer) -> aio::Task<void> {
+          piece.result = co_await io::preadv(node, piece.offset, IoVector(buffer, piece.bytes),
+                                             kRequestCopyOnRead);
+        }(top, batch[i], buffers[i].data()));
+      }
+      co_await copies.wait();
+      uint64_t copied = 0;
+      for (const Piece& piece : batch) {
+        if (!piece.result) {
           const job::ErrorAction action =
-              error_action(options_.on_error, /*is_read=*/true, copied.error().errno_value());
+              error_action(options_.on_error, /*is_read=*/true, piece.result.error().errno_value());
           if (action == job::ErrorAction::kStop) {
-            continue;  // the job is paused; the chunk is tried again after the resume
-          }
-          if (!first_error) {
-            first_error = copied.error();
-          }
-          if (action == job::ErrorAction::kReport) {
+            offset = piece.offset;  // the job is paused; go on from here after the resume
             break;
           }
+          if (!first_error) {
+            first_error = piece.result.error();
+          }
+          if (action == job::ErrorAction::kReport) {
+            co_return Error::from_errno(first_error->errno_value(), "");
+          }
         }
+        progress_update(piece.bytes);
+        copied += piece.bytes;
       }
-      progress_update(bytes);
-      offset += bytes;
-      if (copy) {
-        co_await rate_limit(bytes);
-      }
+      co_await rate_limit(copied);
     }
     if (first_error) {
       co_return Error::from_errno(first_error->errno_value(), "");
@@ -102,10 +113,44 @@ class StreamJob : public job::BlockJob, public BlockParent {
   void clean() override { release(); }
 
  private:
+  // A region from `offset`: either one to copy (read from the chain above the base) or one to
+  // skip (the top holds it, or it comes from the base or below).
+  struct Piece {
+    uint64_t offset = 0;
+    uint64_t bytes = 0;
+    bool copy = false;
+    Result<void> result = ok();
+  };
+
+  aio::Task<Result<Piece>> next_piece(uint64_t offset, uint64_t length) {
+    Node& top = *options_.top;
+    Piece piece{offset, std::min(kChunk, length - offset), false};
+    Result<BlockStatus> own = co_await top.co_block_status(offset, piece.bytes);
+    if (!own) {
+      co_return own.error();
+    }
+    piece.bytes = std::min(piece.bytes, std::max<uint64_t>(own->bytes, 1));
+    Child* backing = top.backing_child();
+    if (!own->allocated_here() && backing != nullptr) {
+      Result<io::Allocation> above = co_await io::is_allocated_above(
+          *backing->node(), options_.base.get(), offset, piece.bytes);
+      if (!above) {
+        co_return above.error();
+      }
+      piece.bytes = above->bytes;
+      piece.copy = above->allocated;
+    }
+    co_return piece;
+  }
+
   aio::Task<void> rate_limit(uint64_t bytes) {
+    if (bytes == 0) {
+      co_return;
+    }
     uint64_t delay = ratelimit_delay_ns(bytes);
-    // A speed change to unlimited (block-job-set-speed 0) ends the wait early.
-    while (delay > 0 && !is_cancelled() && speed() != 0) {
+    // A speed change to unlimited (block-job-set-speed 0), a pause or a cancel ends the wait
+    // early.
+    while (delay > 0 && !is_cancelled() && !pause_requested() && speed() != 0) {
       const uint64_t step = std::min(delay, kMaxSleepNs);
       co_await aio::EventLoop::current()->sleep_for(std::chrono::nanoseconds(step));
       delay -= step;

@@ -3,7 +3,8 @@
 // its backing chain above `base`, then makes `base` (or nothing) the backing file of `top`, in
 // the image's metadata and in the graph; the nodes in between are released. Copies are
 // copy-on-read requests of `top` (io::preadv with kRequestCopyOnRead), so a guest write that
-// overlaps a copy waits for it, and a region a guest wrote first is not copied over.
+// overlaps a copy waits for it, and a region a guest wrote first is not copied over. Up to four
+// 512 KiB copies run at once.
 //
 // Errors follow `on_error` (QEMU's stream_run: stop pauses and retries the chunk, ignore moves
 // on but the job still fails with the first error at the end, report fails at once).
