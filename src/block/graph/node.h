@@ -111,6 +111,9 @@ enum RequestFlags : uint32_t {
   // A read that copies what it finds below the node into the node (QEMU's
   // BDRV_REQ_COPY_ON_READ): see io::preadv.
   kRequestCopyOnRead = 1u << 17,
+  // With kRequestCopyOnRead: only bring the data into the node; the caller's buffer gets
+  // nothing (QEMU's BDRV_REQ_PREFETCH, used by block-stream).
+  kRequestPrefetch = 1u << 18,
 };
 
 // Result of a block-status query over [offset, offset + bytes).

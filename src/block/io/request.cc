@@ -293,7 +293,8 @@ aio::Task<Result<void>> preadv(Node& node, uint64_t offset, IoVector qiov, uint3
     co_return ok();
   }
   if ((flags & kRequestCopyOnRead) != 0) {
-    co_return co_await detail::copy_on_read(node, offset, std::move(qiov));
+    co_return co_await detail::copy_on_read(node, offset, std::move(qiov),
+                                            (flags & kRequestPrefetch) != 0);
   }
   RequestTracker& tracker = node.requests();
   if (tracker.quiesced()) {

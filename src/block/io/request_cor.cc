@@ -4,6 +4,7 @@
 // node, and a copy that starts after a write sees that part allocated and leaves it alone.
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "block/io/bounce_buffer.h"
@@ -24,7 +25,7 @@ bool is_zero(const char* data, uint64_t bytes) {
 
 }  // namespace
 
-aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov) {
+aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov, bool prefetch) {
   const uint64_t bytes = qiov.size();
   const uint64_t granularity = std::max<uint64_t>(
       node.cluster_size().value_or(kDefaultCopyGranularity), request_alignment(node));
@@ -42,11 +43,25 @@ aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov)
     (void)waited;
   }
   const bool can_copy = node.is_writable();
-  const uint64_t chunk = bounce_chunk_bytes(node);
-  Result<BounceBuffer> buffer =
-      BounceBuffer::allocate(std::min(chunk, end - start), node.limits().memory_alignment);
-  if (!buffer) {
-    co_return buffer.error();
+  uint64_t chunk = bounce_chunk_bytes(node);
+  // A prefetch (block-stream) may stage the data in the caller's own buffer when it is one
+  // page-aligned piece covering the whole range: nobody else sees that buffer. Otherwise a
+  // page-aligned bounce buffer, so that O_DIRECT files below need no second one.
+  char* staging = nullptr;
+  BounceBuffer bounce;
+  const iovec* first = qiov.data();
+  if (prefetch && qiov.count() == 1 && start == offset && end - start <= qiov.size() &&
+      reinterpret_cast<uintptr_t>(first->iov_base) % 4096 == 0) {
+    staging = static_cast<char*>(first->iov_base);
+    chunk = end - start;
+  } else {
+    Result<BounceBuffer> buffer = BounceBuffer::allocate(
+        std::min(chunk, end - start), std::max<size_t>(node.limits().memory_alignment, 4096));
+    if (!buffer) {
+      co_return buffer.error();
+    }
+    bounce = std::move(buffer).value();
+    staging = bounce.data();
   }
   for (uint64_t pos = start; pos < end;) {
     Result<BlockStatus> status = co_await node.co_block_status(pos, end - pos);
@@ -55,9 +70,13 @@ aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov)
     }
     const uint64_t run = std::min(std::max<uint64_t>(status->bytes, 1), end - pos);
     const bool copy = can_copy && !status->allocated_here();
+    if (prefetch && !copy) {
+      pos += run;
+      continue;
+    }
     for (uint64_t at = pos; at < pos + run;) {
       const uint64_t len = std::min(chunk, pos + run - at);
-      char* data = buffer->data();
+      char* data = staging;
       Result<void> done = co_await driver_preadv(node, at, IoVector(data, len), 0);
       if (done && copy) {
         if (is_zero(data, len)) {
@@ -75,7 +94,7 @@ aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov)
       }
       const uint64_t copy_start = std::max(at, offset);
       const uint64_t copy_end = std::min(at + len, offset + bytes);
-      if (copy_start < copy_end) {
+      if (!prefetch && copy_start < copy_end) {
         qiov.copy_from(copy_start - offset, data + (copy_start - at), copy_end - copy_start);
       }
       at += len;

@@ -52,7 +52,8 @@ aio::Task<Result<void>> driver_pwritev(Node& node, uint64_t offset, IoVector qio
 void write_finished(Node& node, uint64_t offset, uint64_t bytes);
 
 // io::preadv with kRequestCopyOnRead (request_cor.cc).
-aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov);
+// With `prefetch` the caller's buffer is left alone and parts the node holds are not read.
+aio::Task<Result<void>> copy_on_read(Node& node, uint64_t offset, IoVector qiov, bool prefetch);
 
 // True for an error that means "this driver cannot do that" (ENOTSUP / kUnsupported).
 bool is_not_supported(const Error& error);

@@ -6,6 +6,7 @@
 
 #include "aio/event_loop.h"
 #include "aio/task_group.h"
+#include "block/io/bounce_buffer.h"
 #include "block/io/request.h"
 
 namespace strata::block::stream {
@@ -48,7 +49,15 @@ class StreamJob : public job::BlockJob, public BlockParent {
     const uint64_t length = top.length();
     progress_set_remaining(length);
     std::vector<Piece> batch;
-    std::vector<std::vector<char>> buffers(kParallel, std::vector<char>(kChunk));
+    // Page-aligned staging buffers: copy-on-read prefetches read straight into them.
+    std::vector<io::BounceBuffer> buffers;
+    for (size_t i = 0; i < kParallel; ++i) {
+      Result<io::BounceBuffer> buffer = io::BounceBuffer::allocate(kChunk, 4096);
+      if (!buffer) {
+        co_return buffer.error();
+      }
+      buffers.push_back(std::move(buffer).value());
+    }
     std::optional<Error> first_error;
     for (uint64_t offset = 0; offset < length;) {
       if (is_cancelled()) {
@@ -79,8 +88,8 @@ class StreamJob : public job::BlockJob, public BlockParent {
       for (size_t i = 0; i < batch.size(); ++i) {
         copies.spawn([](Node& node, Piece& piece, char* buffer) -> aio::Task<void> {
           piece.result = co_await io::preadv(node, piece.offset, IoVector(buffer, piece.bytes),
-                                             kRequestCopyOnRead);
-        }(top, batch[i], buffers[i].data()));
+                                             kRequestCopyOnRead | kRequestPrefetch);
+        }(top, batch[i], buffers[i].data()));  // (piece.bytes <= kChunk)
       }
       co_await copies.wait();
       uint64_t copied = 0;
