@@ -119,4 +119,25 @@ void register_block_job_commands(Daemon& daemon) {
   });
 }
 
+Result<void> start_block_job(Daemon& daemon, Result<std::unique_ptr<block::job::BlockJob>> built,
+                             std::optional<int64_t> speed) {
+  if (!built) {
+    return std::move(built).error();
+  }
+  block::job::JobManager& jobs = daemon.jobs();
+  auto created = jobs.create(std::move(built).value());
+  if (!created) {
+    return std::move(created).error();
+  }
+  if (speed) {
+    auto speed_set = jobs.set_speed(**created, *speed);
+    if (!speed_set) {
+      jobs.early_fail(**created);
+      return std::move(speed_set).error();
+    }
+  }
+  jobs.start(**created);
+  return ok();
+}
+
 }  // namespace strata::daemon

@@ -2,6 +2,7 @@
 
 #include "base/arg_decoder.h"
 #include "block/commit/commit_job.h"
+#include "daemon/block_job_commands.h"
 #include "daemon/daemon.h"
 
 namespace strata::daemon {
@@ -10,36 +11,6 @@ namespace {
 
 Error generic(std::string message) {
   return make_error(ErrorKind::kInvalidArgument, std::move(message));
-}
-
-// QEMU's bdrv_filter_or_cow_bs.
-block::Node* below(const block::Node& node) {
-  if (block::Child* backing = node.backing_child()) {
-    return backing->node();
-  }
-  if (node.is_filter() && node.primary_child() != nullptr) {
-    return node.primary_child()->node();
-  }
-  return nullptr;
-}
-
-bool chain_contains(block::Node& top, const block::Node& wanted) {
-  for (block::Node* node = &top; node != nullptr; node = below(*node)) {
-    if (node == &wanted) {
-      return true;
-    }
-  }
-  return false;
-}
-
-// QEMU's bdrv_find_backing_image: a node below `top` with that file name.
-block::Node* find_backing_image(block::Node& top, const std::string& name) {
-  for (block::Node* node = below(top); node != nullptr; node = below(*node)) {
-    if (node->filename() == name) {
-      return node;
-    }
-  }
-  return nullptr;
 }
 
 // The node that has `top` as its backing file (the overlay whose link changes).
@@ -86,11 +57,11 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
       return make_error(ErrorKind::kNotFound,
                         "Cannot find device='' nor node-name='" + *top_node + "'");
     }
-    if (!chain_contains(*bs, *top_bs)) {
+    if (!block::chain_contains(*bs, *top_bs)) {
       return generic("'" + *top_node + "' is not in this backing file chain");
     }
   } else if (top) {
-    top_bs = bs->filename() == *top ? bs : find_backing_image(*bs, *top);
+    top_bs = bs->filename() == *top ? bs : block::find_backing_image(*bs, *top);
     if (top_bs == nullptr) {
       return generic("Top image file " + *top + " not found");
     }
@@ -105,18 +76,18 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
       return make_error(ErrorKind::kNotFound,
                         "Cannot find device='' nor node-name='" + *base_node + "'");
     }
-    if (!chain_contains(*top_bs, *base_bs)) {
+    if (!block::chain_contains(*top_bs, *base_bs)) {
       return generic("'" + *base_node + "' is not in this backing file chain");
     }
   } else if (base) {
-    base_bs = find_backing_image(*top_bs, *base);
+    base_bs = block::find_backing_image(*top_bs, *base);
     if (base_bs == nullptr) {
       return generic("Can't find '" + *base + "' in the backing chain");
     }
   } else {
     // QEMU's bdrv_find_base: the bottom of the chain.
     base_bs = top_bs;
-    while (block::Node* next = below(*base_bs)) {
+    while (block::Node* next = block::filter_or_cow(*base_bs)) {
       base_bs = next;
     }
   }
@@ -156,23 +127,11 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
   options.on_error = *block::job::parse_on_error(on_error);
   options.flags.auto_finalize = auto_finalize;
   options.flags.auto_dismiss = auto_dismiss;
-  auto job = block::commit::create_commit_job(graph, std::move(options));
-  if (!job) {
-    return std::move(job).error();
+  auto started =
+      start_block_job(daemon, block::commit::create_commit_job(graph, std::move(options)), speed);
+  if (!started) {
+    return std::move(started).error();
   }
-  block::job::JobManager& jobs = daemon.jobs();
-  auto created = jobs.create(std::move(job).value());
-  if (!created) {
-    return std::move(created).error();
-  }
-  if (speed) {
-    auto speed_set = jobs.set_speed(**created, *speed);
-    if (!speed_set) {
-      jobs.early_fail(**created);
-      return std::move(speed_set).error();
-    }
-  }
-  jobs.start(**created);
   return nlohmann::json::object();
 }
 

@@ -2,6 +2,7 @@
 
 #include "base/arg_decoder.h"
 #include "block/stream/stream_job.h"
+#include "daemon/block_job_commands.h"
 #include "daemon/daemon.h"
 
 namespace strata::daemon {
@@ -10,26 +11,6 @@ namespace {
 
 Error generic(std::string message) {
   return make_error(ErrorKind::kInvalidArgument, std::move(message));
-}
-
-// The next node down `node`'s chain (backing file of a format, filtered child of a filter).
-block::Node* below(const block::Node& node) {
-  if (block::Child* backing = node.backing_child()) {
-    return backing->node();
-  }
-  if (node.is_filter() && node.primary_child() != nullptr) {
-    return node.primary_child()->node();
-  }
-  return nullptr;
-}
-
-bool chain_contains(block::Node& top, const block::Node& wanted) {
-  for (block::Node* node = &top; node != nullptr; node = below(*node)) {
-    if (node == &wanted) {
-      return true;
-    }
-  }
-  return false;
 }
 
 Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) {
@@ -67,13 +48,7 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
   }
   block::Node* base_bs = nullptr;
   if (base) {
-    // QEMU's bdrv_find_backing_image: a file name in the chain below the top.
-    for (block::Node* node = below(*top); node != nullptr; node = below(*node)) {
-      if (node->filename() == *base) {
-        base_bs = node;
-        break;
-      }
-    }
+    base_bs = block::find_backing_image(*top, *base);
     if (base_bs == nullptr) {
       return generic("Can't find '" + *base + "' in the backing chain");
     }
@@ -84,7 +59,7 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
       return make_error(ErrorKind::kNotFound,
                         "Cannot find device='' nor node-name='" + *base_node + "'");
     }
-    if (base_bs == top || !chain_contains(*top, *base_bs)) {
+    if (base_bs == top || !block::chain_contains(*top, *base_bs)) {
       return generic("Node '" + *base_node + "' is not a backing image of '" + device + "'");
     }
   }
@@ -97,10 +72,10 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
     if (bottom_bs->is_filter()) {
       return generic("Bottom node '" + *bottom + "' is a filter");
     }
-    if (bottom_bs == top || !chain_contains(*top, *bottom_bs)) {
+    if (bottom_bs == top || !block::chain_contains(*top, *bottom_bs)) {
       return generic("Node '" + *bottom + "' is not in a chain starting from '" + device + "'");
     }
-    base_bs = below(*bottom_bs);
+    base_bs = block::filter_or_cow(*bottom_bs);
   }
   if (base_bs == nullptr && backing_file) {
     return generic("backing file specified, but streaming the entire chain");
@@ -121,23 +96,11 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
   options.on_error = *block::job::parse_on_error(on_error);
   options.flags.auto_finalize = auto_finalize;
   options.flags.auto_dismiss = auto_dismiss;
-  auto job = block::stream::create_stream_job(graph, std::move(options));
-  if (!job) {
-    return std::move(job).error();
+  auto started =
+      start_block_job(daemon, block::stream::create_stream_job(graph, std::move(options)), speed);
+  if (!started) {
+    return std::move(started).error();
   }
-  block::job::JobManager& jobs = daemon.jobs();
-  auto created = jobs.create(std::move(job).value());
-  if (!created) {
-    return std::move(created).error();
-  }
-  if (speed) {
-    auto speed_set = jobs.set_speed(**created, *speed);
-    if (!speed_set) {
-      jobs.early_fail(**created);
-      return std::move(speed_set).error();
-    }
-  }
-  jobs.start(**created);
   return nlohmann::json::object();
 }
 

@@ -13,7 +13,6 @@ namespace {
 
 // QEMU's COMMIT_BUFFER_SIZE.
 constexpr uint64_t kChunk = 512 << 10;
-constexpr uint64_t kMaxSleepNs = 100'000'000;
 
 class CommitJob : public job::BlockJob, public BlockParent {
  public:
@@ -102,7 +101,7 @@ class CommitJob : public job::BlockJob, public BlockParent {
       progress_update(bytes);
       offset += bytes;
       if (above->allocated) {
-        co_await rate_limit(bytes);
+        co_await rate_limit_sleep(bytes);
       }
     }
     if (first_error) {
@@ -118,15 +117,6 @@ class CommitJob : public job::BlockJob, public BlockParent {
   void clean() override { release(); }
 
  private:
-  aio::Task<void> rate_limit(uint64_t bytes) {
-    uint64_t delay = ratelimit_delay_ns(bytes);
-    while (delay > 0 && !is_cancelled() && speed() != 0) {
-      const uint64_t step = std::min(delay, kMaxSleepNs);
-      co_await aio::EventLoop::current()->sleep_for(std::chrono::nanoseconds(step));
-      delay -= step;
-    }
-  }
-
   // QEMU's bdrv_drop_intermediate: the overlay names the base and uses it.
   aio::Task<Result<void>> drop_intermediate() {
     Node& overlay = *options_.overlay;

@@ -185,4 +185,32 @@ aio::Task<Result<void>> Node::co_change_backing_file(std::string file, std::stri
                   ENOTSUP);
 }
 
+Node* filter_or_cow(const Node& node) {
+  if (Child* backing = node.backing_child(); backing != nullptr) {
+    return backing->node();
+  }
+  if (Child* primary = node.primary_child(); primary != nullptr && node.is_filter()) {
+    return primary->node();
+  }
+  return nullptr;
+}
+
+Node* find_backing_image(const Node& top, const std::string& filename) {
+  for (Node* node = filter_or_cow(top); node != nullptr; node = filter_or_cow(*node)) {
+    if (node->filename() == filename) {
+      return node;
+    }
+  }
+  return nullptr;
+}
+
+bool chain_contains(const Node& top, const Node& wanted) {
+  for (const Node* node = &top; node != nullptr; node = filter_or_cow(*node)) {
+    if (node == &wanted) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace strata::block

@@ -316,4 +316,13 @@ class Node : public BlockParent, public std::enable_shared_from_this<Node> {
 // QEMU's BLKDBG_EVENT(child, event): announces `event` on the child's node, if there is a child.
 void debug_event(Child* child, BlkdebugEvent event);
 
+// QEMU's bdrv_filter_or_cow_bs: the backing file of a format node, or the filtered child of a
+// filter, or nullptr (the next node down a backing chain).
+Node* filter_or_cow(const Node& node);
+// Whether `wanted` is `top` or a node below it along filter_or_cow (QEMU's bdrv_chain_contains).
+bool chain_contains(const Node& top, const Node& wanted);
+// QEMU's bdrv_find_backing_image: the node below `top` (along filter_or_cow) whose filename is
+// `filename`, or nullptr.
+Node* find_backing_image(const Node& top, const std::string& filename);
+
 }  // namespace strata::block

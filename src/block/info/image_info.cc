@@ -2,16 +2,6 @@
 
 namespace strata::block {
 
-const Node* filter_or_cow(const Node& node) {
-  if (Child* backing = node.backing_child(); backing != nullptr) {
-    return backing->node();
-  }
-  if (Child* primary = node.primary_child(); primary != nullptr && node.is_filter()) {
-    return primary->node();
-  }
-  return nullptr;
-}
-
 nlohmann::json image_info(const Node& node, bool flat) {
   nlohmann::json info;
   info["filename"] = node.filename();

@@ -8,10 +8,6 @@
 
 namespace strata::block {
 
-// QEMU's bdrv_filter_or_cow_bs: the backing file of a format node, or the filtered child of a
-// filter, or nullptr. Query output nests and counts this chain.
-const Node* filter_or_cow(const Node& node);
-
 // ImageInfo of one node (nested backing-image unless `flat`).
 nlohmann::json image_info(const Node& node, bool flat);
 

@@ -6,27 +6,10 @@
 
 namespace strata::block::io {
 
-namespace {
-
-// The node below `node` in its chain: the backing file of a format, the filtered child of a
-// filter, nothing for a protocol node.
-Node* below(const Node& node) {
-  if (Child* backing = node.backing_child()) {
-    return backing->node();
-  }
-  if (node.is_filter()) {
-    Child* primary = node.primary_child();
-    return primary != nullptr ? primary->node() : nullptr;
-  }
-  return nullptr;
-}
-
-}  // namespace
-
 aio::Task<Result<Allocation>> is_allocated_above(Node& top, const Node* base, uint64_t offset,
                                                  uint64_t bytes) {
   uint64_t run = bytes;
-  for (Node* node = &top; node != nullptr && node != base; node = below(*node)) {
+  for (Node* node = &top; node != nullptr && node != base; node = filter_or_cow(*node)) {
     if (offset >= node->length()) {
       // Past this layer's end the chain reads zeroes from here, not what lies below.
       co_return Allocation{true, run};

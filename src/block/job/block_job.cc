@@ -1,7 +1,11 @@
 #include "block/job/block_job.h"
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
+
+#include "aio/event_loop.h"
 
 namespace strata::block::job {
 
@@ -125,6 +129,20 @@ ErrorAction BlockJob::error_action(OnError policy, bool is_read, int error) {
     io_status_ = error == ENOSPC ? "nospace" : "failed";
   }
   return action;
+}
+
+aio::Task<void> BlockJob::rate_limit_sleep(uint64_t bytes) {
+  // QEMU's job_sleep_ns slices: short sleeps keep pause and cancel prompt.
+  constexpr uint64_t kMaxSleepNs = 100'000'000;
+  if (bytes == 0) {
+    co_return;
+  }
+  uint64_t delay = ratelimit_delay_ns(bytes);
+  while (delay > 0 && !is_cancelled() && !pause_requested() && speed() != 0) {
+    const uint64_t step = std::min(delay, kMaxSleepNs);
+    co_await aio::EventLoop::current()->sleep_for(std::chrono::nanoseconds(step));
+    delay -= step;
+  }
 }
 
 }  // namespace strata::block::job

@@ -46,6 +46,9 @@ class BlockJob : public Job {
   // Time to wait before copying `bytes` more under the job's own limit (QEMU's
   // block_job_ratelimit_processed_bytes + sleep); 0 without a limit.
   uint64_t ratelimit_delay_ns(uint64_t bytes) { return rate_limit_.delay_ns(bytes); }
+  // Accounts `bytes` just copied and sleeps as long as the speed limit asks; a pause, a cancel
+  // or a change to unlimited (block-job-set-speed 0) ends the sleep early (stream, commit).
+  aio::Task<void> rate_limit_sleep(uint64_t bytes);
 
   void on_user_resume() override { io_status_ = "ok"; }
   void event_pending() override;

@@ -16,7 +16,6 @@ namespace {
 // QEMU's STREAM_CHUNK.
 constexpr uint64_t kChunk = 512 << 10;
 // The longest single sleep of the rate limit, so that pause and cancel stay responsive.
-constexpr uint64_t kMaxSleepNs = 100'000'000;
 
 // Copies in flight at once (QEMU copies one chunk at a time).
 constexpr size_t kParallel = 4;
@@ -111,7 +110,7 @@ class StreamJob : public job::BlockJob, public BlockParent {
         progress_update(piece.bytes);
         copied += piece.bytes;
       }
-      co_await rate_limit(copied);
+      co_await rate_limit_sleep(copied);
     }
     if (first_error) {
       co_return Error::from_errno(first_error->errno_value(), "");
@@ -150,20 +149,6 @@ class StreamJob : public job::BlockJob, public BlockParent {
       piece.copy = above->allocated;
     }
     co_return piece;
-  }
-
-  aio::Task<void> rate_limit(uint64_t bytes) {
-    if (bytes == 0) {
-      co_return;
-    }
-    uint64_t delay = ratelimit_delay_ns(bytes);
-    // A speed change to unlimited (block-job-set-speed 0), a pause or a cancel ends the wait
-    // early.
-    while (delay > 0 && !is_cancelled() && !pause_requested() && speed() != 0) {
-      const uint64_t step = std::min(delay, kMaxSleepNs);
-      co_await aio::EventLoop::current()->sleep_for(std::chrono::nanoseconds(step));
-      delay -= step;
-    }
   }
 
   // QEMU's stream_prepare: the new backing file name and format in the image, then the graph.
