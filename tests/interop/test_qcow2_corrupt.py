@@ -147,3 +147,101 @@ def test_corrupt_image_opens_read_only_only(daemon):
     assert add_qcow2(q, path, read_only=True) == {"return": {}}
     assert q.cmd("blockdev-del", node_name="q0") == {"return": {}}
     assert incompatible_features(path) == 2
+
+
+def read_u64(f, offset):
+    f.seek(offset)
+    return struct.unpack(">Q", f.read(8))[0]
+
+
+def bitmap_directory_offset(f):
+    """The bitmap directory offset from the header's bitmaps extension (type 0x23852875)."""
+    f.seek(100)
+    offset = struct.unpack(">I", f.read(4))[0]  # header_length: extensions follow it
+    while True:
+        f.seek(offset)
+        ext_type, ext_len = struct.unpack(">II", f.read(8))
+        if ext_type == 0:
+            raise AssertionError("no bitmaps extension")
+        if ext_type == 0x23852875:
+            return struct.unpack(">IIQQ", f.read(24))[3]
+        offset += 8 + (ext_len + 7) // 8 * 8
+
+
+# Where each metadata structure lives in a qemu-img image with a snapshot and a bitmap: the
+# snapshot taken after a first write, a second write then gives the active layer its own L2.
+STRUCTURES = {
+    "refcount table": lambda f: read_u64(f, 48),
+    "refcount block": lambda f: read_u64(f, read_u64(f, 48)) & 0x00FFFFFFFFFFFE00,
+    "snapshot table": lambda f: read_u64(f, 64),
+    "inactive L1 table": lambda f: read_u64(f, read_u64(f, 64)),
+    "inactive L2 table": lambda f: read_u64(f, read_u64(f, read_u64(f, 64))) & 0x00FFFFFFFFFFFE00,
+    "bitmap directory": bitmap_directory_offset,
+}
+
+
+def image_with_every_structure(workdir, target):
+    """An image whose first active L2 entry (with OFLAG_COPIED) points at `target`'s cluster."""
+    need_tool("qemu-img")
+    need_tool("qemu-io")
+    path = os.path.join(workdir, "m.qcow2")
+    assert run("qemu-img", "create", "-f", "qcow2", path, "16M").returncode == 0
+    assert run("qemu-io", "-c", "write -P 1 0 64k", path).returncode == 0
+    assert run("qemu-img", "snapshot", "-c", "s1", path).returncode == 0
+    assert run("qemu-io", "-c", "write -P 3 0 64k", path).returncode == 0
+    assert run("qemu-img", "bitmap", "--add", path, "b0").returncode == 0
+    with open(path, "r+b") as f:
+        offset = STRUCTURES[target](f)
+        active_l2 = read_u64(f, read_u64(f, 40)) & 0x00FFFFFFFFFFFE00
+        assert offset != 0 and offset % 65536 == 0 and offset != active_l2
+        f.seek(active_l2)
+        f.write(struct.pack(">Q", (1 << 63) | offset))
+    return path, offset
+
+
+@pytest.mark.needs("nbd-server-start", "block-export-add")
+@pytest.mark.parametrize("target", sorted(STRUCTURES))
+def test_write_over_each_structure_marks_image_corrupt(daemon, target):
+    """Every structure of the `all` template is guarded; `cached` (the default) leaves out only
+    the inactive L2 tables, as in QEMU."""
+    need_tool("qemu-io")
+    d = daemon()
+    q = d.qmp
+    path, offset = image_with_every_structure(daemon.workdir, target)
+    expect_corrupt = target != "inactive L2 table"
+    for attempt, overlap_check in enumerate(["cached", "all"]):
+        node = "q%d" % attempt
+        assert q.cmd("blockdev-add", driver="qcow2", node_name=node, overlap_check=overlap_check,
+                     file={"driver": "file", "filename": path}) == {"return": {}}
+        sock = "%s/nbd%d.sock" % (daemon.workdir, attempt)
+        assert q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}}) == \
+            {"return": {}}
+        assert q.cmd("block-export-add", type="nbd", id="e0", node_name=node,
+                     writable=True) == {"return": {}}
+        written = run("qemu-io", "-f", "raw", "-c", "write -P 2 0 512",
+                      "nbd+unix:///%s?socket=%s" % (node, sock))
+        if expect_corrupt:
+            assert "write failed: Input/output error" in written.stdout + written.stderr
+            event = q.wait_event("BLOCK_IMAGE_CORRUPTED")
+            assert event["data"] == {
+                "device": "",
+                "node-name": node,
+                "msg": "Preventing invalid write on metadata (overlaps with %s)" % target,
+                "offset": offset,
+                "size": 512,
+                "fatal": True,
+            }
+            assert incompatible_features(path) & 2 == 2
+            return
+        assert written.returncode == 0 and "failed" not in written.stdout, written
+        assert not [e for e in q.events if e["event"] == "BLOCK_IMAGE_CORRUPTED"]
+        assert q.cmd("block-export-del", id="e0") == {"return": {}}
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        assert q.cmd("nbd-server-stop") == {"return": {}}
+        assert q.cmd("blockdev-del", node_name=node) == {"return": {}}
+        assert incompatible_features(path) & 2 == 0
+        # Put the snapshot's L2 table back as it was (the write changed its first 512 bytes).
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\0" * 512)
+        expect_corrupt = True

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <string>
@@ -14,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "aio/event_loop.h"
+#include "block/drivers/qcow2/check.h"
 #include "block/graph/graph.h"
 #include "block/graph/node.h"
 #include "block/io/request.h"
@@ -130,6 +132,69 @@ class Qcow2Fixture : public Base {
     }
     root_ = std::move(root).value();
     return std::move(node).value();
+  }
+
+  // A crash stand-in for the image file `image` (in the test directory): a file node under a
+  // DropAfterNode dropping every write after the `limit`-th, registered under a fresh name; a
+  // qcow2 node opened with {"file": crashing.drop->node_name()} writes through it.
+  struct CrashingFile {
+    std::shared_ptr<Node> file;
+    std::shared_ptr<DropAfterNode> drop;
+  };
+  CrashingFile open_crashing_file(const std::string& image, uint64_t limit) {
+    auto file = open_node(graph_, {{"driver", "file"},
+                                   {"node-name", "real" + std::to_string(++counter_)},
+                                   {"filename", dir_path_ + "/" + image}});
+    if (!file) {
+      ADD_FAILURE() << "opening " << image << ": " << file.error().message();
+      return {};
+    }
+    auto drop = std::make_shared<DropAfterNode>("drop" + std::to_string(counter_), limit);
+    EXPECT_TRUE(graph_.register_node(*drop));
+    graph_.add_monitor_ref(drop);
+    auto attached = graph_.attach_child(*drop, *file, "file", kRoleFiltered | kRolePrimary);
+    EXPECT_TRUE(attached) << error_of(attached);
+    return CrashingFile{std::move(file).value(), std::move(drop)};
+  }
+  // Drops what open_crashing_file made (after the nodes above it are gone); returns the number
+  // of writes that reached the drop node, dropped or not.
+  uint64_t close_crashing_file(CrashingFile& crashing) {
+    const uint64_t writes = crashing.drop ? crashing.drop->writes() : 0;
+    if (crashing.drop) {
+      graph_.remove_monitor_ref(*crashing.drop);
+    }
+    crashing = {};
+    return writes;
+  }
+
+  // strata's checker over `image` (in the test directory), read-only: "" when it finds no
+  // corruption, else the error or the messages. `accept`, when given, may still accept a result
+  // with corruptions from its messages (one per line).
+  std::string strata_check(const std::string& image,
+                           const std::function<bool(const std::string&)>& accept = {}) {
+    auto file = open_node(graph_, {{"driver", "file"},
+                                   {"node-name", "chk" + std::to_string(++counter_)},
+                                   {"read-only", true},
+                                   {"filename", dir_path_ + "/" + image}});
+    if (!file) {
+      return "open: " + error_of(file);
+    }
+    Result<qcow2::CheckResult> checked = loop_->block_on(qcow2::check_image(**file));
+    file->reset();
+    if (!checked) {
+      return "check failed: " + error_of(checked);
+    }
+    if (checked->corruptions == 0 && checked->check_errors == 0) {
+      return "";
+    }
+    std::string messages;
+    for (const std::string& line : checked->messages) {
+      messages += line + "\n";
+    }
+    if (checked->check_errors == 0 && accept && accept(messages)) {
+      return "";
+    }
+    return std::to_string(checked->corruptions) + " corruptions:\n" + messages;
   }
 
   // Flushes `node`, detaches the root open_with_writer attached and drops the node.

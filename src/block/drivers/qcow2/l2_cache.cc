@@ -143,6 +143,18 @@ void L2Cache::mark_clean(uint64_t slice_offset) {
   evict_clean();
 }
 
+void L2Cache::discard(uint64_t slice_offset) {
+  auto it = index_.find(slice_offset);
+  if (it == index_.end()) {
+    return;
+  }
+  if (it->second->dirty) {
+    --dirty_count_;
+  }
+  lru_.erase(it->second);
+  index_.erase(it);
+}
+
 void L2Cache::drop_unused() {
   for (auto it = lru_.begin(); it != lru_.end();) {
     if (it->dirty || it->used) {

@@ -43,6 +43,9 @@ class L2Cache {
                                     uint64_t value);
   // Stores a whole slice the caller has just written to the file (a new L2 table), clean.
   void put_clean(uint64_t slice_offset, std::vector<uint64_t> words);
+  // Forgets the slice at `slice_offset`, dirty or not (QEMU's qcow2_cache_discard): its cluster
+  // was freed, so its contents must never be written back over whatever reuses the cluster.
+  void discard(uint64_t slice_offset);
   // Drops every clean slice; dirty ones stay (inactivation after a write-back, tests,
   // cache-clean-interval).
   void drop_clean();

@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "block/drivers/qcow2/format.h"
+#include "block/drivers/qcow2/metadata_io.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/drivers/qcow2/repair.h"
 #include "block/graph/graph.h"
@@ -94,6 +95,13 @@ uint32_t Qcow2Node::metadata_overlap(uint32_t ignore, uint64_t offset, uint64_t 
       ranges_overlap(start, length, header_.snapshots_offset, snapshots_.size)) {
     return kOverlapSnapshotTable;
   }
+  if ((checks & kOverlapInactiveL1) != 0) {
+    for (const SnapshotEntry& snapshot : snapshots_.entries) {
+      if (ranges_overlap(start, length, snapshot.l1_table_offset, uint64_t{snapshot.l1_size} * 8)) {
+        return kOverlapInactiveL1;
+      }
+    }
+  }
   if ((checks & kOverlapActiveL2) != 0 && map_ != nullptr) {
     for (uint64_t i = 0; i < map_->l1_size(); ++i) {
       const uint64_t l2_offset = map_->l1_entry(i) & kL1OffsetMask;
@@ -110,7 +118,40 @@ uint32_t Qcow2Node::metadata_overlap(uint32_t ignore, uint64_t offset, uint64_t 
       }
     }
   }
+  if ((checks & kOverlapBitmapDirectory) != 0 && header_contents_.nb_bitmaps > 0 &&
+      ranges_overlap(start, length, header_contents_.bitmap_directory_offset,
+                     header_contents_.bitmap_directory_size)) {
+    return kOverlapBitmapDirectory;
+  }
   return 0;
+}
+
+aio::Task<Result<uint32_t>> Qcow2Node::inactive_l2_overlap(uint64_t offset, uint64_t size) {
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t start = offset & ~(cluster_size - 1);
+  const uint64_t end = (offset + size + cluster_size - 1) & ~(cluster_size - 1);
+  // Copied: a snapshot operation may replace the table while this coroutine waits on a read.
+  const std::vector<SnapshotEntry> snapshots = snapshots_.entries;
+  for (const SnapshotEntry& snapshot : snapshots) {
+    Result<void> valid = validate_table(snapshot.l1_table_offset, snapshot.l1_size, 8, kMaxL1Bytes,
+                                        cluster_size, "Snapshot L1 table");
+    if (!valid) {
+      co_return valid.error();
+    }
+    std::vector<uint8_t> l1(uint64_t{snapshot.l1_size} * 8);
+    Result<void> read =
+        co_await read_zero_padded(file(), snapshot.l1_table_offset, IoVector(l1.data(), l1.size()));
+    if (!read) {
+      co_return read.error();
+    }
+    for (uint32_t i = 0; i < snapshot.l1_size; ++i) {
+      const uint64_t l2_offset = load_be64(l1.data() + uint64_t{i} * 8) & kL1OffsetMask;
+      if (l2_offset != 0 && ranges_overlap(start, end - start, l2_offset, cluster_size)) {
+        co_return kOverlapInactiveL2;
+      }
+    }
+  }
+  co_return 0u;
 }
 
 aio::Task<Result<void>> Qcow2Node::pre_write_overlap_check(uint32_t ignore, uint64_t offset,
@@ -121,7 +162,14 @@ aio::Task<Result<void>> Qcow2Node::pre_write_overlap_check(uint32_t ignore, uint
   if (data_file && data_file_ != nullptr) {
     co_return ok();
   }
-  const uint32_t hit = metadata_overlap(ignore, offset, size);
+  uint32_t hit = metadata_overlap(ignore, offset, size);
+  if (hit == 0 && (overlap_checks_ & ~ignore & kOverlapInactiveL2) != 0) {
+    Result<uint32_t> inactive = co_await inactive_l2_overlap(offset, size);
+    if (!inactive) {
+      co_return inactive.error();
+    }
+    hit = *inactive;
+  }
   if (hit == 0) {
     co_return ok();
   }

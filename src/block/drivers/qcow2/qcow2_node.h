@@ -265,6 +265,10 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   // QEMU's qcow2_check_metadata_overlap: the bit (overlap.h) of a structure among the enabled
   // checks minus `ignore` that the clusters of [offset, offset + size) overlap, 0 for none.
   uint32_t metadata_overlap(uint32_t ignore, uint64_t offset, uint64_t size) const;
+  // The inactive-L2 check, which reads every snapshot's L1 table as QEMU does (only the `all`
+  // template enables it): kOverlapInactiveL2 when [offset, offset + size) overlaps an L2 table
+  // a snapshot references, else 0.
+  aio::Task<Result<uint32_t>> inactive_l2_overlap(uint64_t offset, uint64_t size);
   // QEMU's qcow2_pre_write_overlap_check: call before writing [offset, offset + size) of the
   // image file (`data_file`: a guest data write, not checked when the data lives in an external
   // data file). On an overlap the image is marked corrupt (signal_corruption) and EIO returned;
@@ -421,6 +425,9 @@ class Qcow2Node final : public Node, public bitmap::PersistentBitmapStore {
   aio::Task<Result<void>> l2_depends_on_new_clusters();
   // Call before dropping refcounts of clusters whose L2 entries were just changed in the cache.
   aio::Task<Result<void>> refcounts_depend_on_l2();
+  // Drops every cached slice of the L2 table at `l2_offset`, dirty or not: call when the table's
+  // cluster is freed.
+  void forget_l2_table(uint64_t l2_offset);
   // Writes a cache back when it holds more than its capacity.
   aio::Task<Result<void>> trim_caches();
   // write_caches + file flush under meta_ (FUA writes).

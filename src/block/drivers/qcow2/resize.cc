@@ -199,6 +199,7 @@ aio::Task<Result<void>> Qcow2Node::resize_unlocked(uint64_t new_size) {
         if (!freed) {
           co_return freed.error().with_prefix("Failed to reduce the number of L2 tables");
         }
+        forget_l2_table(l2_offset);
       }
     }
   } else {

@@ -119,6 +119,15 @@ aio::Task<Result<void>> Qcow2Node::update_snapshot_refcount(uint64_t l1_offset, 
   const uint64_t csize_mask = (uint64_t{1} << (cluster_bits - 8)) - 1;
   bool l1_modified = false;
   uint32_t steps = 0;
+  if (addend != 0) {
+    // The flags set below follow the new counts: the refcount blocks reach the file before the
+    // L2 slices (a cleared OFLAG_COPIED with the count still 1, or a set one with the count
+    // still 2, is a corruption to qemu-img check).
+    Result<void> ordered = co_await l2_depends_on_new_clusters();
+    if (!ordered) {
+      co_return ordered;
+    }
+  }
   for (uint64_t i = 0; i < l1.size(); ++i) {
     if (++steps % kWalkBatch == 0) {
       co_await aio::EventLoop::current()->yield();
@@ -190,8 +199,6 @@ aio::Task<Result<void>> Qcow2Node::update_snapshot_refcount(uint64_t l1_offset, 
         }
       }
       if (changed_begin < changed_end) {
-        // The refcounts above are in the file already (write-through), so the flags never
-        // claim a refcount of 1 the file does not hold.
         Result<void> written = co_await write_l2_entries(
             l2_offset, first + changed_begin,
             std::vector<uint64_t>(entries.begin() + static_cast<ptrdiff_t>(changed_begin),
@@ -211,6 +218,12 @@ aio::Task<Result<void>> Qcow2Node::update_snapshot_refcount(uint64_t l1_offset, 
     if (!count) {
       co_return std::move(count).error();
     }
+    if (*count == 0) {
+      // The table is free now: its cached slices (flags just changed above) must not be
+      // written back over the next user of the cluster.
+      forget_l2_table(l2_offset);
+      continue;
+    }
     const uint64_t flagged = *count == 1 ? l1[i] | kOflagCopied : l1[i] & ~kOflagCopied;
     if (flagged != l1[i]) {
       l1[i] = flagged;
@@ -219,6 +232,11 @@ aio::Task<Result<void>> Qcow2Node::update_snapshot_refcount(uint64_t l1_offset, 
   }
 
   if (addend >= 0 && l1_modified) {
+    // QEMU's bdrv_flush before the L1 write: the L2 flags and counts it relies on come first.
+    Result<void> synced = co_await sync_metadata();
+    if (!synced) {
+      co_return synced;
+    }
     std::vector<uint8_t> raw = be64_bytes(l1);
     Result<void> written =
         co_await write_growing(file(), l1_offset, IoVector(raw.data(), raw.size()));

@@ -101,6 +101,13 @@ aio::Task<Result<void>> Qcow2Node::refcounts_depend_on_l2() {
   co_return ok();
 }
 
+void Qcow2Node::forget_l2_table(uint64_t l2_offset) {
+  const uint64_t table_entries = uint64_t{1} << header_.l2_bits();
+  for (uint64_t first = 0; first < table_entries; first += map_->slice_entries()) {
+    map_->l2_cache().discard(map_->slice_offset(l2_offset, first));
+  }
+}
+
 aio::Task<Result<void>> Qcow2Node::write_caches() {
   if (refcounts_ == nullptr) {
     co_return ok();
