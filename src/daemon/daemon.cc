@@ -52,6 +52,8 @@ Daemon::Daemon(aio::EventLoop& main_loop)
       monitors_.emit_event(name, data);
     });
   });
+  graph_.set_crypto_objects(&crypto_objects_,
+                            [this](const std::string& id) { return has_iothread(id); });
   register_commands();
   register_block_commands();
   register_job_commands();

@@ -1,5 +1,6 @@
 #include "nbd/client_handshake.h"
 
+#include <fmt/format.h>
 #include <cstdio>
 
 #include "nbd/protocol.h"
@@ -34,12 +35,12 @@ bool is_power_of_two(uint32_t value) {
 
 class ClientHandshake {
  public:
-  explicit ClientHandshake(Transport& transport) : transport_(transport) {}
+  explicit ClientHandshake(Transport& transport) : transport_(&transport) {}
 
   // Reads the server greeting and sends the client flags.
   aio::Task<Result<void>> greet() {
     char greeting[18];
-    bool got = co_await transport_.read_exact(greeting, sizeof(greeting));
+    bool got = co_await transport_->read_exact(greeting, sizeof(greeting));
     if (!got) {
       co_return protocol_error("Failed to read initial magic");
     }
@@ -81,7 +82,7 @@ class ClientHandshake {
   // Receives one reply to `option`, payload included.
   aio::Task<Result<OptionReply>> receive_reply(uint32_t option) {
     char header[20];
-    bool got = co_await transport_.read_exact(header, sizeof(header));
+    bool got = co_await transport_->read_exact(header, sizeof(header));
     if (!got) {
       co_return protocol_error("failed to read option reply");
     }
@@ -103,7 +104,7 @@ class ClientHandshake {
                                " is too long (" + std::to_string(length) + " bytes)");
     }
     reply.payload.resize(length);
-    got = co_await transport_.read_exact(reply.payload.data(), length);
+    got = co_await transport_->read_exact(reply.payload.data(), length);
     if (!got) {
       co_return protocol_error("failed to read option reply payload");
     }
@@ -148,6 +149,45 @@ class ClientHandshake {
       message += "\nserver reported: " + reply.payload;
     }
     return Error(ErrorKind::kIo, message, EINVAL);
+  }
+
+  // NBD_OPT_STARTTLS, then the TLS handshake; later options go over TLS.
+  aio::Task<Result<void>> start_tls(ClientTls& tls) {
+    if (!(co_await send_option(kOptStartTls, {}))) {
+      co_return protocol_error("failed to send option starttls");
+    }
+    auto reply = co_await receive_reply(kOptStartTls);
+    if (!reply) {
+      co_return std::move(reply).error();
+    }
+    // QEMU's nbd_request_simple_option wording.
+    if (reply->type == kRepErrUnsup) {
+      (void)co_await send_option(kOptAbort, {});
+      co_return Error(ErrorKind::kUnsupported, "Server don't support STARTTLS option", ENOTSUP);
+    }
+    if ((reply->type & kRepErrorBit) != 0) {
+      (void)co_await send_option(kOptAbort, {});
+      co_return reply_error(kOptStartTls, *reply);
+    }
+    if (reply->type != kRepAck) {
+      (void)co_await send_option(kOptAbort, {});
+      co_return protocol_error(
+          fmt::format("Server answered option {} ({}) with unexpected reply {} ({})", kOptStartTls,
+                      option_name(kOptStartTls), reply->type, reply_name(reply->type)));
+    }
+    if (!reply->payload.empty()) {
+      (void)co_await send_option(kOptAbort, {});
+      co_return protocol_error(
+          fmt::format("Option {} ('{}') response length is {} (it should be zero)", kOptStartTls,
+                      option_name(kOptStartTls), reply->payload.size()));
+    }
+    auto secured = co_await TlsTransport::connect(*transport_, tls.creds, tls.hostname);
+    if (!secured) {
+      co_return std::move(secured).error();
+    }
+    tls.transport = std::move(secured).value();
+    transport_ = tls.transport.get();
+    co_return ok();
   }
 
   aio::Task<Result<bool>> request_structured_replies() {
@@ -313,7 +353,7 @@ class ClientHandshake {
     }
     char reply[10 + 124];
     size_t length = no_zeroes_ ? 10 : sizeof(reply);
-    bool got = co_await transport_.read_exact(reply, length);
+    bool got = co_await transport_->read_exact(reply, length);
     if (!got) {
       co_return protocol_error("Failed to read export length");
     }
@@ -358,23 +398,27 @@ class ClientHandshake {
  private:
   aio::Task<bool> write(const std::string& bytes) {
     iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
-    bool written = co_await transport_.write_all(std::span<const iovec>(&iov, 1));
+    bool written = co_await transport_->write_all(std::span<const iovec>(&iov, 1));
     co_return written;
   }
 
-  Transport& transport_;
+  Transport* transport_;
   bool no_zeroes_ = false;
 };
 
 }  // namespace
 
 aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
-                                               const ClientHandshakeRequest& request) {
+                                               const ClientHandshakeRequest& request,
+                                               ClientTls* tls) {
   if (request.export_name.size() > kMaxStringSize) {
     co_return Error(ErrorKind::kInvalidArgument, "export name too long to send to server", EINVAL);
   }
   ClientHandshake handshake(transport);
   auto greeted = co_await handshake.greet();
+  if (greeted && tls != nullptr) {
+    greeted = co_await handshake.start_tls(*tls);
+  }
   if (!greeted) {
     co_return std::move(greeted).error();
   }
@@ -407,9 +451,13 @@ aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
   co_return info;
 }
 
-aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport) {
+aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport,
+                                                                  ClientTls* tls) {
   ClientHandshake handshake(transport);
   auto greeted = co_await handshake.greet();
+  if (greeted && tls != nullptr) {
+    greeted = co_await handshake.start_tls(*tls);
+  }
   if (!greeted) {
     co_return std::move(greeted).error();
   }

@@ -5,16 +5,20 @@
 //
 // Asks for structured replies, one meta context (base:allocation or a qemu: context such as
 // qemu:dirty-bitmap:NAME) and the export with NBD_INFO_BLOCK_SIZE through OPT_GO, falling back to
-// EXPORT_NAME when the server does not know OPT_GO. Every server string and payload is bounded;
-// a server that breaks the protocol gets a clear error, never an unbounded read.
+// EXPORT_NAME when the server does not know OPT_GO; with TLS credentials, starts TLS first. Every
+// server string and payload is bounded; a server that breaks the protocol gets a clear error, never
+// an unbounded read.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "aio/task.h"
 #include "base/result.h"
+#include "crypto/tls_creds.h"
+#include "nbd/tls_transport.h"
 #include "nbd/transport.h"
 
 namespace strata::nbd {
@@ -44,10 +48,23 @@ struct ExportListing {
   std::string description;
 };
 
-// Runs the handshake up to the start of transmission.
+// TLS for a client connection (QEMU's nbd_receive_starttls): asked for with NBD_OPT_STARTTLS
+// right after the greeting; once the server agrees, the TLS handshake runs over the plain
+// transport and every later byte goes through `transport`.
+struct ClientTls {
+  std::shared_ptr<const crypto::TlsCreds> creds;  // client endpoint
+  // x509: the name the server certificate must carry (unchecked when unset).
+  std::optional<std::string> hostname;
+  std::unique_ptr<TlsTransport> transport;  // set by the handshake
+};
+
+// Runs the handshake up to the start of transmission; with `tls`, over TLS (the caller then
+// uses tls->transport for the transmission phase).
 aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
-                                               const ClientHandshakeRequest& request);
+                                               const ClientHandshakeRequest& request,
+                                               ClientTls* tls = nullptr);
 // Lists the server's exports (NBD_OPT_LIST, then NBD_OPT_ABORT).
-aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport);
+aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport,
+                                                                  ClientTls* tls = nullptr);
 
 }  // namespace strata::nbd

@@ -60,6 +60,41 @@ const char* option_name(uint32_t option) {
   }
 }
 
+const char* reply_name(uint32_t reply_type) {
+  switch (reply_type) {
+    case kRepAck:
+      return "ack";
+    case kRepServer:
+      return "server";
+    case kRepInfo:
+      return "info";
+    case kRepMetaContext:
+      return "meta context";
+    case kRepErrUnsup:
+      return "unsupported";
+    case kRepErrPolicy:
+      return "denied by policy";
+    case kRepErrInvalid:
+      return "invalid";
+    case kRepErrPlatform:
+      return "platform lacks support";
+    case kRepErrTlsReqd:
+      return "TLS required";
+    case kRepErrUnknown:
+      return "export unknown";
+    case kRepErrShutdown:
+      return "server shutting down";
+    case kRepErrBlockSizeReqd:
+      return "block size required";
+    case kRepErrTooBig:
+      return "option payload too big";
+    case kRepErrExtHeaderReqd:
+      return "extended headers required";
+    default:
+      return "<unknown>";
+  }
+}
+
 const char* command_name(uint16_t command) {
   switch (command) {
     case kCmdRead:

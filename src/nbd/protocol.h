@@ -150,6 +150,8 @@ inline constexpr uint32_t kMaxBlockStatusExtents = (1u << 20) / 8;
 uint32_t wire_error(int host_errno);
 // Name of an option in messages, as QEMU's nbd_opt_lookup spells it ("go", "set meta context").
 const char* option_name(uint32_t option);
+// QEMU's nbd_rep_lookup names ("ack", "server", ...) for option reply types.
+const char* reply_name(uint32_t reply_type);
 const char* command_name(uint16_t command);
 
 // ---- encoding ------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ aio::Task<bool> TlsTransport::flush() {
     co_return !failed_;
   }
   iovec iov{ciphertext.data(), ciphertext.size()};
-  bool sent = co_await lower_.write_all({&iov, 1});
+  bool sent = co_await lower_->write_all({&iov, 1});
   if (!sent) {
     failed_ = true;
   }
@@ -84,7 +84,7 @@ aio::Task<bool> TlsTransport::flush() {
 
 aio::Task<bool> TlsTransport::read_record() {
   char header[5];
-  bool got = co_await lower_.read_exact(header, sizeof(header));
+  bool got = co_await lower_->read_exact(header, sizeof(header));
   if (!got) {
     co_return false;
   }
@@ -102,7 +102,7 @@ aio::Task<bool> TlsTransport::read_record() {
   std::string record(sizeof(header) + length, '\0');
   std::memcpy(record.data(), header, sizeof(header));
   if (length > 0) {
-    got = co_await lower_.read_exact(record.data() + sizeof(header), length);
+    got = co_await lower_->read_exact(record.data() + sizeof(header), length);
     if (!got) {
       co_return false;
     }
@@ -173,7 +173,7 @@ aio::Task<bool> TlsTransport::write_all(std::span<const iovec> iov) {
 
 void TlsTransport::shutdown() {
   failed_ = true;
-  lower_.shutdown();
+  lower_->shutdown();
 }
 
 }  // namespace strata::nbd

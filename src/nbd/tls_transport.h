@@ -43,19 +43,24 @@ class TlsTransport final : public Transport {
   aio::Task<bool> write_all(std::span<const iovec> iov) override;
   void shutdown() override;
 
+  // Moves an idle session (no read or write under way, nothing buffered below) onto another
+  // transport carrying the same byte stream: the NBD client's connection served from another
+  // loop. The old lower transport must not be used again.
+  void rebind(Transport& lower) { lower_ = &lower; }
+
   // The peer's x509 distinguished name or PSK username (server side), see TlsSession.
   const std::string& peer_name() const { return session_->peer_name(); }
 
  private:
   TlsTransport(Transport& lower, std::unique_ptr<crypto::TlsSession> session)
-      : lower_(lower), session_(std::move(session)) {}
+      : lower_(&lower), session_(std::move(session)) {}
   aio::Task<Result<void>> handshake();
   // Sends whatever ciphertext the session produced so far.
   aio::Task<bool> flush();
   // Reads one TLS record from the lower transport into the session.
   aio::Task<bool> read_record();
 
-  Transport& lower_;
+  Transport* lower_;
   std::unique_ptr<crypto::TlsSession> session_;
   aio::CoMutex send_lock_;
   bool failed_ = false;

@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -438,3 +439,167 @@ def test_sanity_check_refuses_unfit_server_certificate(daemon, pki, workdir):
         == "Certificate %s usage does not permit key encipherment" % cert
     d.qmp.ok("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "dir": bad,
                             "endpoint": "server", "sanity-check": False})
+
+
+# ---- the daemon as a TLS client (driver nbd, tls-creds) ------------------------------------
+# The client daemon opens the TLS export as node 'remote' and serves it again over plain NBD;
+# qemu-io reads and writes through that, and the server's file shows what arrived.
+
+def qemu_nbd_tls_server(workdir, objects, tls_args):
+    """qemu-nbd serving a 16 MiB raw file as export 'disk' over TLS; returns (proc, sock, img)."""
+    need_tool("qemu-nbd")
+    img = os.path.join(workdir, "peer.raw")
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    sock = os.path.join(workdir, "peer.sock")
+    argv = ["qemu-nbd", "-t", "-f", "raw", "-x", "disk", "-k", sock]
+    for obj in objects:
+        argv += ["--object", obj]
+    proc = subprocess.Popen(argv + list(tls_args) + [img], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "qemu-nbd did not start"
+        time.sleep(0.02)
+    return proc, sock, img
+
+
+def remote_node(sock, **extra):
+    args = {"driver": "raw", "node-name": "remote",
+            "file": {"driver": "nbd", "server": {"type": "unix", "path": sock},
+                     "export": "disk"}}
+    args["file"].update(extra)
+    return args
+
+
+def reexport(d):
+    """Serves node 'remote' of `d` as plain export 'remote'; returns its nbd+unix URI."""
+    sock = os.path.join(d.dir, "plain.sock")
+    d.qmp.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    d.qmp.ok("block-export-add", {"type": "nbd", "id": "remote", "node-name": "remote",
+                                  "writable": True})
+    return "nbd+unix:///remote?socket=%s" % sock
+
+
+def qemu_io_uri(uri, *commands):
+    need_tool("qemu-io")
+    argv = ["qemu-io", "-f", "raw", uri]
+    for c in commands:
+        argv += ["-c", c]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Pattern verification failed" not in r.stdout, r.stdout
+    return r
+
+
+def test_client_x509_against_qemu_nbd(daemon, pki, workdir):
+    proc, sock, img = qemu_nbd_tls_server(
+        workdir, ["tls-creds-x509,id=tls0,dir=%s,endpoint=server" % pki["server"]],
+        ["--tls-creds", "tls0"])
+    try:
+        with open(img, "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"\x5a" * (256 << 10))
+        d = daemon("--object", "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"])
+        d.qmp.ok("blockdev-add", remote_node(sock, **{"tls-creds": "cli",
+                                                      "tls-hostname": "localhost"}))
+        uri = reexport(d)
+        qemu_io_uri(uri, "read -P 0x5a 1M 256k", "read -P 0 0 1M",
+                    "write -P 0x6b 4M 1M", "read -P 0x6b 4M 1M")
+        d.qmp.ok("block-export-del", {"id": "remote"})
+        d.qmp.ok("blockdev-del", {"node-name": "remote"})
+        with open(img, "rb") as f:
+            f.seek(4 << 20)
+            assert f.read(1 << 20) == b"\x6b" * (1 << 20)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_client_x509_against_same_daemon_kind(daemon, pki):
+    server, sock = x509_server(daemon, pki)
+    d = daemon("--object", "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"])
+    d.qmp.ok("blockdev-add", remote_node(sock, **{"tls-creds": "cli",
+                                                  "tls-hostname": "localhost"}))
+    uri = reexport(d)
+    qemu_io_uri(uri, "write -P 0x21 0 2M", "read -P 0x21 0 2M", "read -P 0 2M 1M")
+
+
+def test_client_psk(daemon, pki, workdir):
+    server, sock = start(daemon, ["tls-creds-psk,id=tls0,dir=%s,endpoint=server" % pki["psk"]],
+                         {"tls-creds": "tls0"})
+    d = daemon("--object",
+               "tls-creds-psk,id=cli,dir=%s,endpoint=client,username=alice" % pki["psk"],
+               "--object",
+               "tls-creds-psk,id=bad,dir=%s,endpoint=client,username=alice" % pki["psk-wrong"])
+    d.qmp.ok("blockdev-add", remote_node(sock, **{"tls-creds": "cli"}))
+    uri = reexport(d)
+    qemu_io_uri(uri, "write -P 0x44 64k 64k", "read -P 0x44 64k 64k")
+    # A wrong key fails the handshake; the daemon stays up.
+    args = remote_node(sock, **{"tls-creds": "bad"})
+    args["node-name"] = "wrong"
+    d.qmp.err("blockdev-add", args)
+    assert d.qmp.ok("query-named-block-nodes") is not None
+
+
+def test_client_tls_refusals(daemon, pki, workdir):
+    server, sock = x509_server(daemon, pki)
+    plain, plain_sock = start(daemon, [], {})
+    d = daemon("--object", "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"],
+               "--object", "tls-creds-x509,id=srv,dir=%s,endpoint=server" % pki["server"],
+               "--object", "tls-creds-x509,id=rogue,dir=%s,endpoint=client" % pki["rogue"],
+               "--object", "iothread,id=io0",
+               "--object", "authz-simple,id=auth0,identity=x")
+
+    def refused(sock, **extra):
+        return d.qmp.err("blockdev-add", remote_node(sock, **extra))["desc"]
+
+    assert refused(sock, **{"tls-creds": "nosuch"}) == "No TLS credentials with id 'nosuch'"
+    assert refused(sock, **{"tls-creds": "srv"}) \
+        == "Expected TLS credentials for a client endpoint"
+    for other in ("io0", "auth0"):
+        assert refused(sock, **{"tls-creds": other}) \
+            == "Object with id '%s' is not TLS credentials" % other
+    # x509 over a unix socket needs a name to check the certificate against.
+    assert "No hostname for certificate validation" in refused(sock, **{"tls-creds": "cli"})
+    assert "Certificate does not match the hostname example.org" in refused(
+        sock, **{"tls-creds": "cli", "tls-hostname": "example.org"})
+    # A server certificate from a CA the client does not trust.
+    assert refused(sock, **{"tls-creds": "rogue", "tls-hostname": "localhost"})
+    # A plain server answers STARTTLS with NBD_REP_ERR_POLICY.
+    # (strata appends the server's message, which QEMU keeps as a hint outside the QMP error)
+    assert refused(plain_sock, **{"tls-creds": "cli", "tls-hostname": "localhost"}) \
+        .startswith("Denied by server for option 5 (starttls)")
+    # A plain client of a TLS server is told TLS is required.
+    assert "TLS negotiation required before option" in refused(sock)
+    # tls-hostname alone is accepted and unused.
+    d.qmp.ok("blockdev-add", remote_node(plain_sock, **{"tls-hostname": "example.org"}))
+
+
+def test_client_x509_over_tcp_checks_the_inet_host(daemon, pki):
+    # Without tls-hostname the certificate must carry the address the client connects to.
+    objects = ["tls-creds-x509,id=tls0,dir=%s,endpoint=server" % pki["server"]]
+    server = daemon(*sum([["--object", o] for o in objects], []))
+    img = os.path.join(server.dir, "disk.raw")
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    server.qmp.ok("blockdev-add", {"driver": "raw", "node-name": "disk",
+                                   "file": {"driver": "file", "filename": img}})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    server.qmp.ok("nbd-server-start", {"addr": {"type": "inet", "data": {
+        "host": "127.0.0.1", "port": port}}, "tls-creds": "tls0"})
+    server.qmp.ok("block-export-add", {"type": "nbd", "id": "disk", "node-name": "disk",
+                                       "writable": True})
+    d = daemon("--object", "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"])
+    node = {"driver": "raw", "node-name": "remote",
+            "file": {"driver": "nbd", "export": "disk", "tls-creds": "cli",
+                     "server": {"type": "inet", "host": "127.0.0.1", "port": port}}}
+    d.qmp.ok("blockdev-add", node)
+    qemu_io_uri(reexport(d), "write -P 0x77 0 64k", "read -P 0x77 0 64k")
+    node["node-name"] = "other"
+    node["file"]["tls-hostname"] = "example.org"
+    assert "Certificate does not match the hostname example.org" in \
+        d.qmp.err("blockdev-add", node)["desc"]

@@ -16,6 +16,10 @@
 #include "base/result.h"
 #include "block/graph/node.h"
 
+namespace strata::crypto {
+class ObjectTable;
+}  // namespace strata::crypto
+
 namespace strata::block {
 
 // Undo/commit log of one graph change.
@@ -106,6 +110,20 @@ class Graph {
     }
   }
 
+  // ---- user-created objects ----------------------------------------------------------------
+  // The TLS credentials and authz objects drivers name by id (the nbd driver's tls-creds): the
+  // daemon's object table, or the one `--object` filled in a CLI tool; nullptr when there is
+  // none. Looked up only while a node opens (what it resolves, it holds itself).
+  // `other_object` tells whether some other user-created object (an iothread) has an id, for
+  // QEMU's "is not TLS credentials" wording.
+  void set_crypto_objects(const crypto::ObjectTable* objects,
+                          std::function<bool(const std::string&)> other_object = {}) {
+    crypto_objects_ = objects;
+    other_object_ = std::move(other_object);
+  }
+  const crypto::ObjectTable* crypto_objects() const { return crypto_objects_; }
+  bool has_other_object(const std::string& id) const { return other_object_ && other_object_(id); }
+
  private:
   Result<void> refresh_perms_in(const std::vector<Node*>& nodes, Transaction& tx);
   Result<void> refresh_node_perm(Node& node, Transaction& tx);
@@ -118,6 +136,8 @@ class Graph {
   std::vector<std::shared_ptr<Node>> monitor_owned_;
   uint64_t next_generated_name_ = 1;
   EventSink event_sink_;
+  const crypto::ObjectTable* crypto_objects_ = nullptr;
+  std::function<bool(const std::string&)> other_object_;
 };
 
 }  // namespace strata::block

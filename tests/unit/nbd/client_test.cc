@@ -472,5 +472,36 @@ TEST(ClientHandshakeTest, HugeOptionReplyIsRefusedBeforeReading) {
       << info.error().message();
 }
 
+// The client's STARTTLS request (QEMU's nbd_receive_starttls wording) answered by `reply`.
+std::string starttls_refusal(const std::string& reply) {
+  auto created = aio::EventLoop::create(16);
+  EXPECT_TRUE(created.ok());
+  std::string bytes;
+  WireWriter w(bytes);
+  w.u64(kInitMagic);
+  w.u64(kOptMagic);
+  w.u16(kFlagFixedNewstyle | kFlagNoZeroes);
+  bytes += reply;
+  MemoryTransport transport(bytes);
+  ClientTls tls;  // never reaches the TLS handshake, so no credentials are needed
+  auto info = (*created)->block_on(client_handshake(transport, ClientHandshakeRequest{}, &tls));
+  EXPECT_FALSE(info.ok());
+  EXPECT_EQ(tls.transport, nullptr);
+  return info.ok() ? std::string() : info.error().message();
+}
+
+TEST(ClientHandshakeTest, StartTlsRefusalsNameTheReason) {
+  EXPECT_EQ(starttls_refusal(option_reply(kOptStartTls, kRepErrUnsup, "")),
+            "Server don't support STARTTLS option");
+  EXPECT_EQ(starttls_refusal(option_reply(kOptStartTls, kRepErrPolicy, "")),
+            "Denied by server for option 5 (starttls)");
+  EXPECT_EQ(starttls_refusal(option_reply(kOptStartTls, kRepServer, "")),
+            "Server answered option 5 (starttls) with unexpected reply 2 (server)");
+  EXPECT_EQ(starttls_refusal(option_reply(kOptStartTls, kRepAck, "xy")),
+            "Option 5 ('starttls') response length is 2 (it should be zero)");
+  // A reply to another option is a protocol error, not a TLS session.
+  EXPECT_FALSE(starttls_refusal(option_reply(kOptGo, kRepAck, "")).empty());
+}
+
 }  // namespace
 }  // namespace strata::nbd

@@ -8,6 +8,8 @@
 #include <climits>
 #include <thread>
 
+#include "block/graph/graph.h"
+#include "crypto/object_table.h"
 #include "nbd/protocol.h"
 
 namespace strata::block {
@@ -34,6 +36,8 @@ struct NbdNode::Session {
   nbd::ExportInfo info;
   aio::EventLoop* transport_loop = nullptr;
   std::unique_ptr<nbd::SocketTransport> transport;
+  // With tls-creds: the TLS session over `transport`, which the connection uses.
+  std::unique_ptr<nbd::TlsTransport> tls;
   std::unique_ptr<nbd::ClientConnection> connection;  // set when the reader starts
 
   Session() = default;
@@ -41,6 +45,7 @@ struct NbdNode::Session {
   Session& operator=(const Session&) = delete;
   ~Session() {
     connection.reset();
+    tls.reset();
     transport.reset();
     if (fd >= 0) {
       ::close(fd);
@@ -48,14 +53,38 @@ struct NbdNode::Session {
   }
 };
 
+// QEMU's nbd_get_tls_creds: the client credentials object `id` names.
+Result<std::shared_ptr<const crypto::TlsCreds>> client_tls_creds(const Graph& graph,
+                                                                 const std::string& id) {
+  const crypto::ObjectTable* objects = graph.crypto_objects();
+  auto creds = objects != nullptr ? objects->tls_creds(id) : nullptr;
+  if (creds == nullptr) {
+    if ((objects == nullptr || !objects->contains(id)) && !graph.has_other_object(id)) {
+      return make_error(ErrorKind::kNotFound, "No TLS credentials with id '" + id + "'");
+    }
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Object with id '" + id + "' is not TLS credentials");
+  }
+  if (creds->endpoint() != crypto::TlsEndpoint::kClient) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Expected TLS credentials for a client endpoint");
+  }
+  return creds;
+}
+
 Result<std::shared_ptr<Node>> NbdNode::open(OpenContext& context, const BlockdevOptions& options) {
   const auto& nbd_options = static_cast<const NbdOptions&>(*options.driver_options);
+  std::shared_ptr<const crypto::TlsCreds> tls_creds = nbd_options.inline_tls_creds;
   if (nbd_options.tls_creds) {
-    return Error(ErrorKind::kUnsupported,
-                 "TLS is not supported by this build (tls-creds '" + *nbd_options.tls_creds + "')",
-                 ENOTSUP);
+    auto creds = client_tls_creds(context.graph(), *nbd_options.tls_creds);
+    if (!creds) {
+      return std::move(creds).error();
+    }
+    tls_creds = std::move(creds).value();
   }
+  // As in QEMU, tls-hostname without credentials is accepted and unused.
   auto node = std::make_shared<NbdNode>(context.options(), nbd_options);
+  node->tls_creds_ = std::move(tls_creds);
   auto connected = node->connect_at_open();
   if (!connected) {
     return std::move(connected).error();
@@ -71,7 +100,9 @@ NbdNode::NbdNode(CommonOptions common, const NbdOptions& options)
 
 NbdNode::~NbdNode() {
   // NBD_CMD_DISC, best effort and without waiting: the server learns the client left on purpose.
-  if (session_ && !(session_->connection && session_->connection->broken())) {
+  // (Not over TLS: the request would have to be encrypted on a loop that may be gone.)
+  if (session_ && session_->tls == nullptr &&
+      !(session_->connection && session_->connection->broken())) {
     std::string request;
     nbd::WireWriter w(request);
     w.u32(nbd::kRequestMagic);
@@ -94,9 +125,23 @@ aio::Task<Result<std::shared_ptr<NbdNode::Session>>> NbdNode::establish(aio::Eve
   auto session = std::make_shared<Session>();
   session->fd = *fd;
   nbd::SocketTransport transport(loop, *fd);
-  auto info = co_await nbd::client_handshake(transport, handshake_);
+  std::optional<nbd::ClientTls> tls;
+  if (tls_creds_ != nullptr) {
+    tls.emplace();
+    tls->creds = tls_creds_;
+    // QEMU checks the certificate against the inet host unless tls-hostname says otherwise.
+    tls->hostname = options_nbd_.tls_hostname;
+    if (!tls->hostname && options_nbd_.server.type == nbd::ServerAddress::Type::kInet) {
+      tls->hostname = options_nbd_.server.host;
+    }
+  }
+  auto info = co_await nbd::client_handshake(transport, handshake_, tls ? &*tls : nullptr);
   if (!info) {
     co_return std::move(info).error();
+  }
+  if (tls) {
+    // Bound to a transport of its session's loop before first use (bind_to_current_loop).
+    session->tls = std::move(tls->transport);
   }
   if (options_nbd_.dirty_bitmap && !info->has_meta_context) {
     // QEMU 10 reports the generic open failure here.
@@ -169,10 +214,15 @@ Result<void> NbdNode::bind_to_current_loop(Session& session) {
   // The connection is idle: no coroutine waits on the old loop, and no reply is outstanding, so
   // nothing is buffered in the old transport.
   auto transport = std::make_unique<nbd::SocketTransport>(*loop, session.fd);
+  nbd::Transport* carrier = transport.get();
+  if (session.tls != nullptr) {
+    session.tls->rebind(*transport);
+    carrier = session.tls.get();
+  }
   if (session.connection == nullptr) {
-    session.connection = std::make_unique<nbd::ClientConnection>(*transport, session.info);
+    session.connection = std::make_unique<nbd::ClientConnection>(*carrier, session.info);
   } else {
-    session.connection->rebind(*transport);
+    session.connection->rebind(*carrier);
   }
   session.transport = std::move(transport);
   session.transport_loop = loop;

@@ -3,7 +3,9 @@
 //
 // Options are QEMU's BlockdevOptionsNbd: server (unix path or inet host/port; also the legacy
 // flat path/host/port members), export, x-dirty-bitmap, reconnect-delay, open-timeout,
-// tls-creds, tls-hostname (TLS is refused: this build has no TLS credentials).
+// tls-creds (a tls-creds-x509/psk object with endpoint=client: NBD_OPT_STARTTLS right after the
+// greeting, every later byte over TLS) and tls-hostname (the name an x509 server certificate must
+// carry; the inet host by default, unchecked over a unix socket).
 //
 // Connection life: open connects (retrying for open-timeout seconds) and runs the handshake on a
 // private loop; requests use the connection from their own loop (an idle connection moves to the
@@ -21,6 +23,7 @@
 #include "aio/sync.h"
 #include "aio/task_group.h"
 #include "block/drivers/driver.h"
+#include "crypto/tls_creds.h"
 #include "nbd/client_connection.h"
 #include "nbd/client_socket.h"
 
@@ -34,6 +37,8 @@ struct NbdOptions : DriverOptions {
   uint32_t open_timeout = 0;                // seconds
   std::optional<std::string> tls_creds;
   std::optional<std::string> tls_hostname;
+  // Client credentials an nbds:// URI's parameters describe (instead of a tls-creds object).
+  std::shared_ptr<const crypto::TlsCreds> inline_tls_creds;
 };
 
 class NbdNode final : public Node {
@@ -89,6 +94,7 @@ class NbdNode final : public Node {
   nlohmann::json server_json() const;
 
   NbdOptions options_nbd_;
+  std::shared_ptr<const crypto::TlsCreds> tls_creds_;  // nullptr: plain NBD
   nbd::ClientHandshakeRequest handshake_;
   nbd::ExportInfo info_;
   aio::EventLoop* loop_ = nullptr;  // the home loop, set by the first request
