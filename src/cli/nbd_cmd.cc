@@ -194,6 +194,23 @@ Result<nlohmann::json> temporary_overlay(const Options& o, const ImageOptions& i
   return overlay;
 }
 
+// --object, in command-line order; false after reporting a failure.
+bool create_objects(const Options& o, daemon::Daemon& daemon) {
+  for (const std::string& object : o.objects) {
+    auto object_options = qmp::parse_keyval_or_json(object, "qom-type");
+    if (!object_options) {
+      report(object_options.error().message());
+      return false;
+    }
+    auto added = daemon.object_add(*object_options, !qmp::option_is_json(object));
+    if (!added) {
+      report(added.error().message());
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 int nbd_main(int argc, char** argv) {
@@ -203,6 +220,18 @@ int nbd_main(int argc, char** argv) {
   }
   const Options& o = *parsed.options;
 
+  if (o.list) {
+    auto loop = aio::EventLoop::create();
+    if (!loop) {
+      report(loop.error().message());
+      return 1;
+    }
+    daemon::Daemon daemon(**loop);
+    if (!create_objects(o, daemon)) {
+      return 1;
+    }
+    return nbd_cmd::list_exports(o, daemon, **loop);
+  }
   if (o.fork_process) {
     fork_into_background();
   }
@@ -236,17 +265,17 @@ int nbd_main(int argc, char** argv) {
   daemon::Daemon daemon(**loop);
   SignalWatcher signals(**loop, [&daemon] { daemon.stop(); });
 
-  for (const std::string& object : o.objects) {
-    auto object_options = qmp::parse_keyval_or_json(object, "qom-type");
-    if (!object_options) {
-      report(object_options.error().message());
+  if (!create_objects(o, daemon)) {
+    return 1;
+  }
+  std::shared_ptr<const nbd::ServerTls> tls;
+  if (o.tls_creds) {
+    auto resolved = daemon.exports().server_tls(*o.tls_creds, o.tls_authz);
+    if (!resolved) {
+      report("Failed to get TLS creds: " + resolved.error().message());
       return 1;
     }
-    auto added = daemon.object_add(*object_options, !qmp::option_is_json(object));
-    if (!added) {
-      report(added.error().message());
-      return 1;
-    }
+    tls = std::move(resolved).value();
   }
 
   // Listen first, as qemu-nbd does (a busy port fails before the image is opened).
@@ -259,6 +288,7 @@ int nbd_main(int argc, char** argv) {
   nbd::ServerConfig config;
   config.max_connections = o.shared;
   config.handshake_max_seconds = o.handshake_limit;
+  config.tls = std::move(tls);
   const bool persistent = o.persistent;
   config.on_client_closed = [&daemon, persistent](bool negotiated, size_t remaining) {
     if (negotiated && remaining == 0 && !persistent) {

@@ -7,6 +7,13 @@
 #include <string>
 #include <vector>
 
+namespace strata::aio {
+class EventLoop;
+}  // namespace strata::aio
+namespace strata::daemon {
+class Daemon;
+}  // namespace strata::daemon
+
 namespace strata::cli::nbd_cmd {
 
 constexpr const char kProgram[] = "strata nbd";
@@ -39,6 +46,12 @@ struct Options {
   bool fork_process = false;                 // --fork
   std::optional<std::string> pid_file;       // --pid-file
   bool verbose = false;                      // -v
+  // TLS: server credentials (client ones with --list), authz by x509 name, the name a listed
+  // server's certificate must carry (--list only).
+  std::optional<std::string> tls_creds;     // --tls-creds
+  std::optional<std::string> tls_authz;     // --tls-authz
+  std::optional<std::string> tls_hostname;  // --tls-hostname
+  bool list = false;                        // -L: list the exports of a server, serve nothing
 };
 
 // Outcome of parsing: run the server, or exit now with `exit_code` (help, version, errors; the
@@ -50,6 +63,10 @@ struct ParseOutcome {
 
 // Parses argv (argv[0] is "nbd") with qemu-nbd's options, messages and exit codes.
 ParseOutcome parse_options(int argc, char** argv);
+
+// -L: lists the exports of the server -k (or -b and -p) names, with TLS from the client
+// credentials object --tls-creds names (created in `daemon`); the exit status.
+int list_exports(const Options& o, daemon::Daemon& daemon, aio::EventLoop& loop);
 
 // Prints "strata nbd: MESSAGE" on stderr.
 void report(const std::string& message);

@@ -61,8 +61,16 @@ constexpr const char* kUsage =
     "      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n"
     "      --image-opts          treat FILE as a full set of image options\n"
     "\n"
-    "Not provided by strata nbd: -c/-d (kernel NBD devices), -L (listing), -o, -l, -T,\n"
-    "--tls-creds/--tls-authz/--tls-hostname, --selinux-label.\n";
+    "Usage: strata nbd -L [OPTIONS]\n"
+    "List the exports of an NBD server (its address from -k, or -b and -p).\n"
+    "\n"
+    "TLS:\n"
+    "  --tls-creds=ID            use TLS credentials object ID (endpoint=server, or\n"
+    "                            endpoint=client with -L)\n"
+    "  --tls-authz=ID            authorize x509 client names with authz object ID\n"
+    "  --tls-hostname=NAME       with -L: the name the server certificate must carry\n"
+    "\n"
+    "Not provided by strata nbd: -c/-d (kernel NBD devices), -o, -l, -T, --selinux-label.\n";
 
 enum LongOption {
   kCache = 256,
@@ -172,6 +180,7 @@ ParseOutcome parse_options(int argc, char** argv) {
   bool seen_cache = false;
   bool seen_aio = false;
   bool seen_discard = false;
+  bool per_device = false;  // an option that only serving an image takes (not with -L)
   optind = 1;
   opterr = 0;
   int ch;
@@ -248,9 +257,11 @@ ParseOutcome parse_options(int argc, char** argv) {
         break;
       case 'A':
         options.allocation_depth = true;
+        per_device = true;
         break;
       case 'B':
         options.bitmaps.emplace_back(optarg);
+        per_device = true;
         break;
       case 'k':
         if (optarg[0] != '/') {
@@ -273,6 +284,7 @@ ParseOutcome parse_options(int argc, char** argv) {
       }
       case 'f':
         options.format = optarg;
+        per_device = true;
         break;
       case 't':
         options.persistent = true;
@@ -282,12 +294,14 @@ ParseOutcome parse_options(int argc, char** argv) {
           return fail(std::string("export name '") + optarg + "' too long");
         }
         options.export_name = optarg;
+        per_device = true;
         break;
       case 'D':
         if (std::strlen(optarg) > nbd::kMaxStringSize) {
           return fail(std::string("export description '") + optarg + "' too long");
         }
         options.description = optarg;
+        per_device = true;
         break;
       case 'v':
         options.verbose = true;
@@ -302,11 +316,17 @@ ParseOutcome parse_options(int argc, char** argv) {
         options.objects.emplace_back(optarg);
         break;
       case kTlsCreds:
+        options.tls_creds = optarg;
+        break;
       case kTlsHostname:
+        options.tls_hostname = optarg;
+        break;
       case kTlsAuthz:
-        return fail("TLS (--tls-creds, --tls-authz, --tls-hostname) is not supported yet");
+        options.tls_authz = optarg;
+        break;
       case 'L':
-        return fail("-L/--list is not supported yet; use nbdinfo --list");
+        options.list = true;
+        break;
       case 'T':
         return fail("-T/--trace is not supported by strata nbd");
       case kSelinuxLabel:
@@ -344,12 +364,36 @@ ParseOutcome parse_options(int argc, char** argv) {
       }
     }
   }
-  if (argc - optind != 1) {
+  if (options.list) {
+    // qemu-nbd's order of checks.
+    if (argc != optind) {
+      return fail("List mode is incompatible with a file name");
+    }
+    if (per_device || seen_aio || seen_discard || seen_cache) {
+      return fail("List mode is incompatible with per-device settings");
+    }
+    if (options.fork_process) {
+      return fail("List mode is incompatible with forking");
+    }
+  } else if (argc - optind != 1) {
     report("Invalid number of arguments");
     std::fprintf(stderr, "Try `strata nbd --help' for more information.\n");
     return ParseOutcome{std::nullopt, 1};
+  } else {
+    options.filename = argv[optind];
   }
-  options.filename = argv[optind];
+  if (options.tls_creds) {
+    if (options.tls_authz && options.list) {
+      return fail("TLS authorization is incompatible with export list");
+    }
+    if (options.tls_hostname && !options.list) {
+      return fail("TLS hostname is only supported with export list");
+    }
+  } else if (options.tls_authz) {
+    return fail("--tls-authz is not permitted without --tls-creds");
+  } else if (options.tls_hostname) {
+    return fail("--tls-hostname is not permitted without --tls-creds");
+  }
   if (options.image_opts && options.format) {
     return fail("--image-opts and -f are mutually exclusive");
   }

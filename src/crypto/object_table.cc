@@ -132,6 +132,25 @@ std::shared_ptr<const TlsCreds> ObjectTable::tls_creds(const std::string& id) co
   return creds != nullptr ? *creds : nullptr;
 }
 
+Result<std::shared_ptr<const TlsCreds>> ObjectTable::find_tls_creds(const std::string& id,
+                                                                    TlsEndpoint endpoint,
+                                                                    bool other_object) const {
+  auto creds = tls_creds(id);
+  if (creds == nullptr) {
+    if (!contains(id) && !other_object) {
+      return make_error(ErrorKind::kNotFound, "No TLS credentials with id '" + id + "'");
+    }
+    return make_error(ErrorKind::kInvalidArgument,
+                      "Object with id '" + id + "' is not TLS credentials");
+  }
+  if (creds->endpoint() != endpoint) {
+    return make_error(ErrorKind::kInvalidArgument,
+                      std::string("Expected TLS credentials for a ") +
+                          (endpoint == TlsEndpoint::kServer ? "server" : "client") + " endpoint");
+  }
+  return creds;
+}
+
 std::shared_ptr<const Authz> ObjectTable::authz(const std::string& id) const {
   auto it = objects_.find(id);
   if (it == objects_.end()) {

@@ -42,6 +42,13 @@ class ObjectTable {
   // nullptr when absent or of another kind.
   std::shared_ptr<const TlsCreds> tls_creds(const std::string& id) const;
   std::shared_ptr<const Authz> authz(const std::string& id) const;
+  // QEMU's nbd_get_tls_creds: the credentials `id` names, which must be for `endpoint`, with
+  // QEMU's errors ("No TLS credentials with id 'X'", "Object with id 'X' is not TLS
+  // credentials", "Expected TLS credentials for a server endpoint"). `other_object` tells
+  // whether an object outside this table (an iothread) has the id.
+  Result<std::shared_ptr<const TlsCreds>> find_tls_creds(const std::string& id,
+                                                         TlsEndpoint endpoint,
+                                                         bool other_object) const;
 
  private:
   using Object = std::variant<std::shared_ptr<const TlsCreds>, std::shared_ptr<const Authz>>;

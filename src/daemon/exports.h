@@ -60,11 +60,13 @@ class ExportManager {
 
   void register_commands();
 
- private:
-  aio::Task<void> remove(std::shared_ptr<nbd::Export> exp);
-  // The server's TLS from nbd-server-start's tls-creds / tls-authz ids (daemon/exports_tls.cc).
+  // The server's TLS from tls-creds / tls-authz ids (nbd-server-start, strata nbd; in
+  // daemon/exports_tls.cc).
   Result<std::shared_ptr<const nbd::ServerTls>> server_tls(
       const std::string& creds_id, const std::optional<std::string>& authz_id) const;
+
+ private:
+  aio::Task<void> remove(std::shared_ptr<nbd::Export> exp);
 
   Daemon& daemon_;
   std::unique_ptr<nbd::Server> server_;

@@ -10,21 +10,13 @@ namespace strata::daemon {
 Result<std::shared_ptr<const nbd::ServerTls>> ExportManager::server_tls(
     const std::string& creds_id, const std::optional<std::string>& authz_id) const {
   const crypto::ObjectTable& objects = daemon_.crypto_objects();
-  auto fail = [](std::string message) {
-    return make_error(ErrorKind::kInvalidArgument, std::move(message));
-  };
-  auto creds = objects.tls_creds(creds_id);
+  auto creds = objects.find_tls_creds(creds_id, crypto::TlsEndpoint::kServer,
+                                      daemon_.has_iothread(creds_id));
   if (!creds) {
-    if (objects.contains(creds_id) || daemon_.has_iothread(creds_id)) {
-      return fail("Object with id '" + creds_id + "' is not TLS credentials");
-    }
-    return fail("No TLS credentials with id '" + creds_id + "'");
-  }
-  if (creds->endpoint() != crypto::TlsEndpoint::kServer) {
-    return fail("Expected TLS credentials for a server endpoint");
+    return std::move(creds).error();
   }
   auto tls = std::make_shared<nbd::ServerTls>();
-  tls->creds = std::move(creds);
+  tls->creds = std::move(creds).value();
   if (authz_id) {
     tls->authorize = [&objects, id = *authz_id](const std::string& name) -> Result<void> {
       auto authz = objects.authz(id);

@@ -33,6 +33,10 @@ bool is_power_of_two(uint32_t value) {
   return value != 0 && (value & (value - 1)) == 0;
 }
 
+// A bound on the meta contexts one export may list (QEMU keeps every one; a hostile server could
+// send them forever).
+constexpr size_t kMaxListedContexts = 4096;
+
 class ClientHandshake {
  public:
   explicit ClientHandshake(Transport& transport) : transport_(&transport) {}
@@ -204,11 +208,10 @@ class ClientHandshake {
       }
       co_return true;
     }
-    if (reply->type == kRepErrUnsup) {
-      co_return false;
-    }
     if ((reply->type & kRepErrorBit) != 0) {
-      co_return reply_error(kOptStructuredReply, *reply);
+      // Any refusal means "not granted" here, as QEMU's non-strict request (a server that
+      // requires TLS first then refuses the next option with its own error).
+      co_return false;
     }
     co_return protocol_error("unexpected reply type " + hex(reply->type) +
                              " to option structured reply");
@@ -266,18 +269,26 @@ class ClientHandshake {
   // OPT_GO with NBD_INFO_BLOCK_SIZE. Returns false (and touches nothing) when the server does
   // not know OPT_GO.
   aio::Task<Result<bool>> go(const std::string& export_name, ExportInfo& info) {
+    auto went = co_await info_or_go(kOptGo, export_name, info);
+    co_return went;
+  }
+
+  // OPT_INFO or OPT_GO (`option`) with NBD_INFO_BLOCK_SIZE; false when the server does not know
+  // the option.
+  aio::Task<Result<bool>> info_or_go(uint32_t option, const std::string& export_name,
+                                     ExportInfo& info) {
     std::string payload;
     WireWriter w(payload);
     w.u32(static_cast<uint32_t>(export_name.size()));
     w.bytes(export_name);
     w.u16(1);
     w.u16(kInfoBlockSize);
-    if (!(co_await send_option(kOptGo, payload))) {
-      co_return protocol_error("failed to send option go");
+    if (!(co_await send_option(option, payload))) {
+      co_return protocol_error(std::string("failed to send option ") + option_name(option));
     }
     bool have_export = false;
     for (;;) {
-      auto reply = co_await receive_reply(kOptGo);
+      auto reply = co_await receive_reply(option);
       if (!reply) {
         co_return std::move(reply).error();
       }
@@ -291,10 +302,11 @@ class ClientHandshake {
         co_return false;
       }
       if ((reply->type & kRepErrorBit) != 0) {
-        co_return reply_error(kOptGo, *reply);
+        co_return reply_error(option, *reply);
       }
       if (reply->type != kRepInfo || reply->payload.size() < 2) {
-        co_return protocol_error("unexpected reply type " + hex(reply->type) + " to option go");
+        co_return protocol_error("unexpected reply type " + hex(reply->type) + " to option " +
+                                 option_name(option));
       }
       WireReader reader(reply->payload.data(), reply->payload.size());
       uint16_t type = reader.u16();
@@ -390,9 +402,69 @@ class ClientHandshake {
       listing.description = reader.bytes(reader.remaining());
       exports.push_back(std::move(listing));
     }
-    bool aborted = co_await send_option(kOptAbort, {});
-    (void)aborted;  // the server may close before reading the abort
     co_return exports;
+  }
+
+  // NBD_OPT_ABORT as a courtesy when a listing is done (the server may close without reading it).
+  aio::Task<void> abort() {
+    bool aborted = co_await send_option(kOptAbort, {});
+    (void)aborted;
+  }
+
+  // NBD_OPT_EXTENDED_HEADERS: true when granted, false when the server does not know it.
+  aio::Task<Result<bool>> request_extended_headers() {
+    if (!(co_await send_option(kOptExtendedHeaders, {}))) {
+      co_return protocol_error("failed to send option extended headers");
+    }
+    auto reply = co_await receive_reply(kOptExtendedHeaders);
+    if (!reply) {
+      co_return std::move(reply).error();
+    }
+    if (reply->type == kRepAck && reply->payload.empty()) {
+      co_return true;
+    }
+    if ((reply->type & kRepErrorBit) != 0) {
+      co_return false;  // not granted, whatever the reason (as for structured replies)
+    }
+    co_return protocol_error("unexpected reply type " + hex(reply->type) +
+                             " to option extended headers");
+  }
+
+  // NBD_OPT_LIST_META_CONTEXT without queries: every context the export offers.
+  aio::Task<Result<std::vector<std::string>>> list_meta_contexts(const std::string& export_name) {
+    std::string payload;
+    WireWriter w(payload);
+    w.u32(static_cast<uint32_t>(export_name.size()));
+    w.bytes(export_name);
+    w.u32(0);
+    if (!(co_await send_option(kOptListMetaContext, payload))) {
+      co_return protocol_error("failed to send option list meta context");
+    }
+    std::vector<std::string> contexts;
+    for (;;) {
+      auto reply = co_await receive_reply(kOptListMetaContext);
+      if (!reply) {
+        co_return std::move(reply).error();
+      }
+      if (reply->type == kRepAck) {
+        co_return contexts;
+      }
+      if (reply->type == kRepErrUnsup) {
+        co_return std::vector<std::string>();
+      }
+      if ((reply->type & kRepErrorBit) != 0) {
+        co_return reply_error(kOptListMetaContext, *reply);
+      }
+      if (reply->type != kRepMetaContext || reply->payload.size() < 4) {
+        co_return protocol_error("unexpected reply type " + hex(reply->type) +
+                                 " to option list meta context");
+      }
+      if (contexts.size() >= kMaxListedContexts) {
+        co_return protocol_error("server listed more than " + std::to_string(kMaxListedContexts) +
+                                 " meta contexts");
+      }
+      contexts.push_back(reply->payload.substr(4));
+    }
   }
 
  private:
@@ -452,7 +524,7 @@ aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
 }
 
 aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport,
-                                                                  ClientTls* tls) {
+                                                                  ClientTls* tls, bool describe) {
   ClientHandshake handshake(transport);
   auto greeted = co_await handshake.greet();
   if (greeted && tls != nullptr) {
@@ -461,7 +533,44 @@ aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& tra
   if (!greeted) {
     co_return std::move(greeted).error();
   }
+  if (!describe) {
+    auto exports = co_await handshake.list();
+    co_await handshake.abort();
+    co_return exports;
+  }
+  // QEMU's nbd_receive_export_list: extended headers (else structured replies) first, then the
+  // list, then NBD_OPT_INFO and the meta contexts of each export.
+  auto extended = co_await handshake.request_extended_headers();
+  if (!extended) {
+    co_return std::move(extended).error();
+  }
+  bool structured = *extended;
+  if (!structured) {
+    auto granted = co_await handshake.request_structured_replies();
+    if (!granted) {
+      co_return std::move(granted).error();
+    }
+    structured = *granted;
+  }
   auto exports = co_await handshake.list();
+  if (!exports) {
+    co_return std::move(exports).error();
+  }
+  for (ExportListing& listing : *exports) {
+    listing.extended_headers = *extended;
+    auto described = co_await handshake.info_or_go(kOptInfo, listing.name, listing.info);
+    if (!described) {
+      co_return std::move(described).error();
+    }
+    if (structured) {
+      auto contexts = co_await handshake.list_meta_contexts(listing.name);
+      if (!contexts) {
+        co_return std::move(contexts).error();
+      }
+      listing.meta_contexts = std::move(contexts).value();
+    }
+  }
+  co_await handshake.abort();
   co_return exports;
 }
 

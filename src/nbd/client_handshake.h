@@ -46,6 +46,10 @@ struct ExportInfo {
 struct ExportListing {
   std::string name;
   std::string description;
+  // Filled when the listing describes each export (qemu-nbd --list):
+  ExportInfo info;                         // NBD_OPT_INFO: size, flags, block sizes
+  std::vector<std::string> meta_contexts;  // NBD_OPT_LIST_META_CONTEXT, all of them
+  bool extended_headers = false;           // the server granted NBD_OPT_EXTENDED_HEADERS
 };
 
 // TLS for a client connection (QEMU's nbd_receive_starttls): asked for with NBD_OPT_STARTTLS
@@ -63,8 +67,10 @@ struct ClientTls {
 aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
                                                const ClientHandshakeRequest& request,
                                                ClientTls* tls = nullptr);
-// Lists the server's exports (NBD_OPT_LIST, then NBD_OPT_ABORT).
+// Lists the server's exports (NBD_OPT_LIST, then NBD_OPT_ABORT); with `describe`, also asks for
+// extended headers and each export's information and meta contexts, as qemu-nbd --list does.
 aio::Task<Result<std::vector<ExportListing>>> client_list_exports(Transport& transport,
-                                                                  ClientTls* tls = nullptr);
+                                                                  ClientTls* tls = nullptr,
+                                                                  bool describe = false);
 
 }  // namespace strata::nbd

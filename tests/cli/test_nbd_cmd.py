@@ -453,6 +453,18 @@ def test_fork_reports_startup_errors(tmp_path):
     ["-f", "raw", "-k", "SOCK", "MISSING"],
     ["-f", "raw", "-B", "nosuchbitmap", "-k", "SOCK", "IMG"],
     ["--aio=native", "-f", "raw", "-k", "SOCK", "IMG"],
+    # -L (list) and TLS option checks.
+    ["-L", "-x", "foo", "-k", "SOCK"],
+    ["-L", "-k", "SOCK", "IMG"],
+    ["-L", "--fork", "-k", "SOCK"],
+    ["-L", "-k", "SOCK"],
+    ["-L", "--tls-authz", "a", "-k", "SOCK"],
+    ["-L", "--tls-hostname", "a", "-k", "SOCK"],
+    ["-L", "--tls-creds", "t0", "--tls-authz", "a", "-k", "SOCK"],
+    ["-L", "--tls-creds", "nosuch", "-k", "SOCK"],
+    ["--tls-creds", "nosuch", "-k", "SOCK", "IMG"],
+    ["--tls-hostname", "x", "--tls-creds", "nosuch", "-k", "SOCK", "IMG"],
+    ["--object", "iothread,id=io0", "--tls-creds", "io0", "-k", "SOCK", "IMG"],
 ], ids=lambda a: " ".join(x[:20] for x in a) or "no-args")
 def test_errors_match_qemu_nbd(tmp_path, args):
     image = tmp_path / "img.raw"
@@ -474,8 +486,6 @@ def test_errors_match_qemu_nbd(tmp_path, args):
 
 @pytest.mark.parametrize("args,needle", [
     (["-c", "/dev/nbd0"], "kernel NBD devices"),
-    (["-L"], "-L/--list"),
-    (["--tls-creds", "tls0"], "TLS"),
 ])
 def test_unsupported_options_say_so(tmp_path, args, needle):
     image = tmp_path / "img.raw"
@@ -484,6 +494,23 @@ def test_unsupported_options_say_so(tmp_path, args, needle):
                           text=True, timeout=30)
     assert proc.returncode == 1
     assert proc.stderr.startswith("strata nbd: ") and needle in proc.stderr
+
+
+def test_list_matches_qemu_nbd(tmp_path, servers):
+    """qemu-nbd -L and strata nbd -L print the same listing of either server."""
+    images = make_images(tmp_path, fmt="qcow2")
+    for tool in TOOLS:
+        server = servers(tool, images[tool], ["-f", "qcow2", "-t", "-x", "disk", "-D", "a disk",
+                                              "-A", "-e", "3"])
+        listings = {}
+        for lister in TOOLS:
+            proc = subprocess.run(server_argv(lister) + ["-L", "-k", str(server.sock)],
+                                  capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            listings[lister] = proc.stdout
+        assert listings["strata"] == listings["qemu"]
+        assert " export: 'disk'\n  description: a disk\n" in listings["strata"]
+        assert "qemu:allocation-depth" in listings["strata"]
 
 
 def test_object_iothread_is_accepted(tmp_path, servers):

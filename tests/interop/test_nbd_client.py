@@ -391,14 +391,15 @@ def test_malformed_uris_equal_qemu(uri):
     compare_errors(["info", uri])
 
 
-def test_nbds_and_tls_creds_are_refused_clearly(workdir):
+def test_nbds_and_unknown_tls_creds_are_refused_clearly(workdir):
     r = strata("img", "info", "nbds://127.0.0.1/x")
     assert r.returncode == 1
     assert "TLS is not supported by this build" in r.stderr
+    # qemu-io's words for credentials that were never created.
     r = strata("io", "--image-opts", "-c", "read 0 1",
                "driver=nbd,server.type=unix,server.path=%s/s,tls-creds=tls0" % workdir)
     assert r.returncode == 1
-    assert "TLS is not supported by this build" in r.stderr
+    assert r.stderr == "strata io: can't open: No TLS credentials with id 'tls0'\n"
 
 
 # -- a server that breaks the protocol --------------------------------------------------------

@@ -447,22 +447,7 @@ def test_sanity_check_refuses_unfit_server_certificate(daemon, pki, workdir):
 
 def qemu_nbd_tls_server(workdir, objects, tls_args):
     """qemu-nbd serving a 16 MiB raw file as export 'disk' over TLS; returns (proc, sock, img)."""
-    need_tool("qemu-nbd")
-    img = os.path.join(workdir, "peer.raw")
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
-    sock = os.path.join(workdir, "peer.sock")
-    argv = ["qemu-nbd", "-t", "-f", "raw", "-x", "disk", "-k", sock]
-    for obj in objects:
-        argv += ["--object", obj]
-    proc = subprocess.Popen(argv + list(tls_args) + [img], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "qemu-nbd did not start"
-        time.sleep(0.02)
-    return proc, sock, img
+    return serve_with_tls("qemu-nbd", workdir, objects, tls_args)
 
 
 def remote_node(sock, **extra):
@@ -603,3 +588,98 @@ def test_client_x509_over_tcp_checks_the_inet_host(daemon, pki):
     node["file"]["tls-hostname"] = "example.org"
     assert "Certificate does not match the hostname example.org" in \
         d.qmp.err("blockdev-add", node)["desc"]
+
+
+# ---- strata nbd / qemu-nbd: --tls-creds, --tls-authz and -L over TLS -----------------------
+
+NBD_TOOLS = ("qemu-nbd", "strata")
+
+
+def nbd_tool_argv(tool):
+    if tool == "qemu-nbd":
+        need_tool("qemu-nbd")
+        return ["qemu-nbd"]
+    from test_nbd_client import strata_bin
+    return [strata_bin(), "nbd"]
+
+
+def serve_with_tls(tool, workdir, objects, tls_args):
+    """`tool` serving a 16 MiB raw file as export 'disk' with `objects` (--object values) and
+    `tls_args` on a unix socket; returns (proc, sock, img)."""
+    img = os.path.join(workdir, "%s.raw" % tool)
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    sock = os.path.join(workdir, "%s.sock" % tool)
+    argv = nbd_tool_argv(tool) + ["-t", "-f", "raw", "-x", "disk", "-k", sock]
+    for obj in objects:
+        argv += ["--object", obj]
+    proc = subprocess.Popen(argv + list(tls_args) + [img], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "%s did not start" % tool
+        time.sleep(0.02)
+    return proc, sock, img
+
+
+@pytest.mark.parametrize("tool", NBD_TOOLS)
+def test_nbd_tool_serves_tls_and_lists_over_tls(tool, pki, workdir):
+    authz = "authz-simple,id=auth0,identity=%s" % CLIENT_DN.replace(",", ",,")
+    proc, sock, _ = serve_with_tls(
+        tool, workdir,
+        ["tls-creds-x509,id=tls0,dir=%s,endpoint=server" % pki["server"], authz],
+        ["--tls-creds", "tls0", "--tls-authz", "auth0"])
+    try:
+        r = nbdinfo("--json", tls_uri(sock, pki["client"]))
+        assert r.returncode == 0, r.stderr
+        assert '"TLS": true' in r.stdout
+        assert nbdinfo("nbd+unix:///disk?socket=%s" % sock).returncode != 0
+        r = qemu_io_tls(pki["client"], sock, "write -P 0x3c 0 1M", "read -P 0x3c 0 1M")
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Both listers, over TLS, print the same.
+        listings = {}
+        for lister in NBD_TOOLS:
+            r = subprocess.run(
+                nbd_tool_argv(lister) + [
+                    "--object", "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"],
+                    "-L", "-k", sock, "--tls-creds", "cli", "--tls-hostname", "localhost"],
+                capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            listings[lister] = r.stdout
+        assert listings["strata"] == listings["qemu-nbd"]
+        assert " export: 'disk'\n" in listings["strata"]
+        # Without TLS the listing is refused; with the wrong hostname too.
+        refusals = {}
+        for lister in NBD_TOOLS:
+            r = subprocess.run(nbd_tool_argv(lister) + ["-L", "-k", sock], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 1
+            refusals[lister] = r.stderr.split(": ", 1)[1].splitlines()[0]
+        assert refusals["strata"] == refusals["qemu-nbd"]
+        from test_nbd_client import strata_bin
+        r = subprocess.run(
+            [strata_bin(), "nbd", "--object",
+             "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"], "-L", "-k", sock,
+             "--tls-creds", "cli", "--tls-hostname", "example.org"],
+            capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert "Certificate does not match the hostname example.org" in r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("tool", NBD_TOOLS)
+def test_nbd_tool_refuses_client_creds_for_serving(tool, pki, workdir):
+    img = os.path.join(workdir, "img.raw")
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    r = subprocess.run(
+        nbd_tool_argv(tool) + [
+            "--object", "tls-creds-x509,id=cli,dir=%s,endpoint=client" % pki["client"],
+            "-k", os.path.join(workdir, "x.sock"), "--tls-creds", "cli", "-f", "raw", img],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.endswith(
+        ": Failed to get TLS creds: Expected TLS credentials for a server endpoint\n"), r.stderr

@@ -57,19 +57,10 @@ struct NbdNode::Session {
 Result<std::shared_ptr<const crypto::TlsCreds>> client_tls_creds(const Graph& graph,
                                                                  const std::string& id) {
   const crypto::ObjectTable* objects = graph.crypto_objects();
-  auto creds = objects != nullptr ? objects->tls_creds(id) : nullptr;
-  if (creds == nullptr) {
-    if ((objects == nullptr || !objects->contains(id)) && !graph.has_other_object(id)) {
-      return make_error(ErrorKind::kNotFound, "No TLS credentials with id '" + id + "'");
-    }
-    return make_error(ErrorKind::kInvalidArgument,
-                      "Object with id '" + id + "' is not TLS credentials");
+  if (objects == nullptr) {
+    return make_error(ErrorKind::kNotFound, "No TLS credentials with id '" + id + "'");
   }
-  if (creds->endpoint() != crypto::TlsEndpoint::kClient) {
-    return make_error(ErrorKind::kInvalidArgument,
-                      "Expected TLS credentials for a client endpoint");
-  }
-  return creds;
+  return objects->find_tls_creds(id, crypto::TlsEndpoint::kClient, graph.has_other_object(id));
 }
 
 Result<std::shared_ptr<Node>> NbdNode::open(OpenContext& context, const BlockdevOptions& options) {
