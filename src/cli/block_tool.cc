@@ -60,6 +60,22 @@ void set_flag(nlohmann::json& options, const char* key, bool value, bool keyval)
   }
 }
 
+// Client credentials for an nbds:// URI: x509 from a directory, else PSK from a keys file.
+Result<std::shared_ptr<const crypto::TlsCreds>> uri_tls_creds(const block::NbdUriTls& tls) {
+  if (tls.certificates) {
+    crypto::TlsCredsX509Options x509;
+    x509.endpoint = crypto::TlsEndpoint::kClient;
+    x509.dir = *tls.certificates;
+    x509.verify_peer = tls.verify_peer;
+    return crypto::load_x509_creds(x509);
+  }
+  crypto::TlsCredsPskOptions psk;
+  psk.endpoint = crypto::TlsEndpoint::kClient;
+  psk.keys_file = *tls.psk_file;
+  psk.username = tls.username;
+  return crypto::load_psk_creds(psk);
+}
+
 }  // namespace
 
 Result<ImageOptions> image_options(const ImageOpenRequest& request) {
@@ -83,11 +99,26 @@ Result<ImageOptions> image_options(const ImageOpenRequest& request) {
   } else {
     nlohmann::json protocol;
     if (block::is_nbd_uri(request.filename)) {
-      auto nbd = block::nbd_uri_options(request.filename);
+      std::optional<block::NbdUriTls> tls;
+      auto nbd = block::nbd_uri_options(request.filename, &tls);
       if (!nbd) {
         return std::move(nbd).error();
       }
       protocol = std::move(nbd).value();
+      if (tls) {
+        auto creds = uri_tls_creds(*tls);
+        if (!creds) {
+          return std::move(creds).error();
+        }
+        result.uri_tls_creds = std::move(creds).value();
+        result.tls_creds_id = "nbds-uri:" + request.filename;
+        protocol["tls-creds"] = result.tls_creds_id;
+        if (tls->hostname) {
+          protocol["tls-hostname"] = *tls->hostname;
+        } else if (protocol["server"]["type"] == "unix") {
+          protocol["tls-hostname"] = "localhost";
+        }
+      }
     } else {
       protocol = protocol_options(request.filename);
     }
@@ -146,6 +177,7 @@ Result<std::unique_ptr<BlockSession>> BlockSession::create() {
   std::unique_ptr<BlockSession> session(new BlockSession());
   session->loop_ = std::move(loop).value();
   session->graph_ = std::make_unique<block::Graph>();
+  session->graph_->set_crypto_objects(&session->objects_);
   return session;
 }
 
@@ -204,6 +236,9 @@ Result<block::Node*> BlockSession::open(const ImageOpenRequest& request) {
   auto options = image_options(request);
   if (!options) {
     return std::move(options).error();
+  }
+  if (options->uri_tls_creds != nullptr) {
+    objects_.insert(options->tls_creds_id, options->uri_tls_creds);  // kept if already there
   }
   // Keeps the probed protocol node alive until the format node holds it.
   std::shared_ptr<block::Node> probed_protocol;

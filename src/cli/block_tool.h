@@ -15,6 +15,7 @@
 #include "aio/event_loop.h"
 #include "base/result.h"
 #include "block/graph/graph.h"
+#include "crypto/object_table.h"
 
 namespace strata::cli {
 
@@ -65,6 +66,7 @@ class BlockSession : public block::BlockParent {
   BlockSession() = default;
 
   std::unique_ptr<aio::EventLoop> loop_;
+  crypto::ObjectTable objects_;  // TLS credentials the images' nbd nodes name
   std::unique_ptr<block::Graph> graph_;
   std::vector<OpenedImage> images_;
 };
@@ -78,6 +80,10 @@ struct ImageOptions {
   // The format must be probed by reading through the protocol node (NBD URIs): open
   // options["file"] first, then choose options["driver"].
   bool probe_through_protocol = false;
+  // An nbds:// URI's client credentials, which the nbd node names by `tls_creds_id`; the
+  // session registers them before opening.
+  std::shared_ptr<const crypto::TlsCreds> uri_tls_creds;
+  std::string tls_creds_id;
 };
 Result<ImageOptions> image_options(const ImageOpenRequest& request);
 

@@ -36,6 +36,10 @@ class ObjectTable {
   Result<void> add(const std::string& qom_type, const std::string& id, ArgDecoder& d,
                    const std::function<bool(const std::string&)>& id_taken);
   bool contains(const std::string& id) const { return objects_.count(id) != 0; }
+  // Adds credentials made elsewhere (an nbds:// URI's); false when `id` is taken.
+  bool insert(const std::string& id, std::shared_ptr<const TlsCreds> creds) {
+    return objects_.emplace(id, std::move(creds)).second;
+  }
   // False when no such object.
   bool remove(const std::string& id);
 

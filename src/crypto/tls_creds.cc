@@ -248,7 +248,10 @@ Result<std::shared_ptr<const TlsCreds>> load_psk_creds(const TlsCredsPskOptions&
       gnutls_psk_set_server_dh_params(creds->server_, creds->dh_params_);
     }
   } else {
-    auto psk_file = credential_path(options.dir, "keys.psk", true);
+    Result<std::optional<std::string>> psk_file = std::optional<std::string>(options.keys_file);
+    if (!options.keys_file) {
+      psk_file = credential_path(options.dir, "keys.psk", true);
+    }
     if (!psk_file) {
       return std::move(psk_file).error();
     }

@@ -63,6 +63,8 @@ struct TlsCredsPskOptions {
   std::string dir;
   std::optional<std::string> priority;
   std::optional<std::string> username;  // client only
+  // Client only: this keys file instead of DIR/keys.psk (an nbds:// URI's tls-psk-file).
+  std::optional<std::string> keys_file;
 };
 
 Result<std::shared_ptr<const TlsCreds>> load_psk_creds(const TlsCredsPskOptions& options);

@@ -394,7 +394,10 @@ def test_malformed_uris_equal_qemu(uri):
 def test_nbds_and_unknown_tls_creds_are_refused_clearly(workdir):
     r = strata("img", "info", "nbds://127.0.0.1/x")
     assert r.returncode == 1
-    assert "TLS is not supported by this build" in r.stderr
+    assert "nbds:// needs tls-certificates=DIR (x509) or tls-psk-file=FILE (PSK)" in r.stderr
+    r = strata("img", "info", "nbd://127.0.0.1/x?tls-certificates=/")
+    assert r.returncode == 1
+    assert "No valid URL specified" in r.stderr
     # qemu-io's words for credentials that were never created.
     r = strata("io", "--image-opts", "-c", "read 0 1",
                "driver=nbd,server.type=unix,server.path=%s/s,tls-creds=tls0" % workdir)

@@ -683,3 +683,95 @@ def test_nbd_tool_refuses_client_creds_for_serving(tool, pki, workdir):
     assert r.returncode == 1
     assert r.stderr.endswith(
         ": Failed to get TLS creds: Expected TLS credentials for a server endpoint\n"), r.stderr
+
+
+# ---- nbds:// URIs in strata img and strata io ----------------------------------------------
+
+def strata_tool(*args):
+    from test_nbd_client import strata
+    return strata(*args)
+
+
+def test_nbds_uris_in_img_and_io(pki, workdir):
+    proc, sock, img = serve_with_tls(
+        "qemu-nbd", workdir, ["tls-creds-x509,id=tls0,dir=%s,endpoint=server" % pki["server"]],
+        ["--tls-creds", "tls0"])
+    uri = tls_uri(sock, pki["client"])
+    try:
+        r = strata_tool("img", "info", "--output=json", uri)
+        assert r.returncode == 0, r.stderr
+        assert '"virtual-size": %d' % SIZE in r.stdout
+        r = strata_tool("io", "-f", "raw", "-c", "write -P 0x12 1M 64k", "-c",
+                        "read -P 0x12 1M 64k", uri)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Pattern verification failed" not in r.stdout
+        out = os.path.join(workdir, "copy.raw")
+        r = strata_tool("img", "convert", "-f", "raw", "-O", "raw", uri, out)
+        assert r.returncode == 0, r.stderr
+        with open(img, "rb") as a, open(out, "rb") as b:
+            assert a.read() == b.read()
+        r = strata_tool("img", "compare", "-f", "raw", "-F", "raw", uri, out)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Refusals: another CA, a wrong name, no credentials, no TLS at all.
+        r = strata_tool("img", "info", tls_uri(sock, pki["rogue"]))
+        assert r.returncode == 1 and "Could not open" in r.stderr, r.stderr
+        r = strata_tool("img", "info", uri + "&tls-hostname=example.org")
+        assert r.returncode == 1
+        assert "Certificate does not match the hostname example.org" in r.stderr
+        r = strata_tool("img", "info", "nbds+unix:///disk?socket=%s" % sock)
+        assert r.returncode == 1
+        assert "needs tls-certificates=DIR (x509) or tls-psk-file=FILE (PSK)" in r.stderr
+        r = strata_tool("img", "info", "nbd+unix:///disk?socket=%s" % sock)
+        assert r.returncode == 1
+        assert "TLS negotiation required before option 7 (go)" in r.stderr
+        r = strata_tool("img", "info", "nbd+unix:///disk?socket=%s&tls-certificates=%s"
+                        % (sock, pki["client"]))
+        assert r.returncode == 1 and "No valid URL specified" in r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_nbds_psk_and_tcp_uris(pki, workdir):
+    proc, sock, img = serve_with_tls(
+        "qemu-nbd", workdir, ["tls-creds-psk,id=tls0,dir=%s,endpoint=server" % pki["psk"]],
+        ["--tls-creds", "tls0"])
+    keys = os.path.join(pki["psk"], "keys.psk")
+    try:
+        r = strata_tool("io", "-f", "raw", "-c", "write -P 0x5e 0 4k", "-c", "read -P 0x5e 0 4k",
+                        "nbds+unix://alice@/disk?socket=%s&tls-psk-file=%s" % (sock, keys))
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = strata_tool("img", "info", "nbds+unix:///disk?socket=%s&tls-psk-file=%s"
+                        "&tls-username=alice" % (sock, keys))
+        assert r.returncode == 0, r.stderr
+        r = strata_tool("img", "info", "nbds+unix://bob@/disk?socket=%s&tls-psk-file=%s"
+                        % (sock, keys))
+        assert r.returncode == 1 and "Username bob not found in PSK file" in r.stderr, r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    # Over TCP the certificate is checked against the URI's host (the certificate has
+    # 127.0.0.1 among its names).
+    need_tool("qemu-nbd")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-t", "-f", "raw", "-x", "disk", "-b", "127.0.0.1", "-p", str(port),
+         "--object", "tls-creds-x509,id=tls0,dir=%s,endpoint=server" % pki["server"],
+         "--tls-creds", "tls0", img], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        r = strata_tool("io", "-f", "raw", "-c", "read -P 0x5e 0 4k",
+                        "nbds://127.0.0.1:%d/disk?tls-certificates=%s" % (port, pki["client"]))
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -65,7 +65,7 @@ Result<std::shared_ptr<const crypto::TlsCreds>> client_tls_creds(const Graph& gr
 
 Result<std::shared_ptr<Node>> NbdNode::open(OpenContext& context, const BlockdevOptions& options) {
   const auto& nbd_options = static_cast<const NbdOptions&>(*options.driver_options);
-  std::shared_ptr<const crypto::TlsCreds> tls_creds = nbd_options.inline_tls_creds;
+  std::shared_ptr<const crypto::TlsCreds> tls_creds;
   if (nbd_options.tls_creds) {
     auto creds = client_tls_creds(context.graph(), *nbd_options.tls_creds);
     if (!creds) {

@@ -37,8 +37,6 @@ struct NbdOptions : DriverOptions {
   uint32_t open_timeout = 0;                // seconds
   std::optional<std::string> tls_creds;
   std::optional<std::string> tls_hostname;
-  // Client credentials an nbds:// URI's parameters describe (instead of a tls-creds object).
-  std::shared_ptr<const crypto::TlsCreds> inline_tls_creds;
 };
 
 class NbdNode final : public Node {

@@ -70,27 +70,25 @@ bool is_nbd_uri(std::string_view filename) {
   return false;
 }
 
-Result<nlohmann::json> nbd_uri_options(std::string_view uri) {
+Result<nlohmann::json> nbd_uri_options(std::string_view uri, std::optional<NbdUriTls>* tls) {
   if (!is_nbd_uri(uri)) {
     return invalid_url();
   }
   std::string_view scheme = scheme_of(uri);
-  if (scheme.substr(0, 4) == "nbds") {
+  const bool secure = scheme.substr(0, 4) == "nbds";
+  if (secure && tls == nullptr) {
     return Error(ErrorKind::kUnsupported,
-                 "TLS is not supported by this build (" + std::string(scheme) + ":// URI)",
-                 ENOTSUP);
+                 "TLS is not supported here (" + std::string(scheme) + ":// URI)", ENOTSUP);
   }
-  const bool is_unix = scheme == "nbd+unix";
+  const bool is_unix = scheme == "nbd+unix" || scheme == "nbds+unix";
   std::string_view rest = uri.substr(scheme.size() + 3);
   // authority [/path] [?query] [#fragment]
   std::string_view query;
-  bool has_query = false;
   if (size_t hash = rest.find('#'); hash != std::string_view::npos) {
     rest = rest.substr(0, hash);
   }
   if (size_t question = rest.find('?'); question != std::string_view::npos) {
     query = rest.substr(question + 1);
-    has_query = true;
     rest = rest.substr(0, question);
   }
   size_t slash = rest.find('/');
@@ -108,36 +106,64 @@ Result<nlohmann::json> nbd_uri_options(std::string_view uri) {
     }
     options["export"] = *name;
   }
-  // Query parameters: only "socket=PATH" (the last one counts) with nbd+unix, none otherwise.
-  const bool has_parameter = has_query && !query.empty();
-  if (is_unix != has_parameter) {
-    return invalid_url();
-  }
-  if (is_unix) {
-    if (!authority.empty()) {
+  std::optional<std::string> user;
+  if (size_t at = authority.rfind('@'); at != std::string_view::npos) {
+    user = unescape(authority.substr(0, at));
+    if (!user) {
       return invalid_url();
     }
-    std::optional<std::string> socket;
-    while (!query.empty()) {
-      size_t end = query.find('&');
-      std::string_view parameter = query.substr(0, end);
-      query = end == std::string_view::npos ? std::string_view() : query.substr(end + 1);
-      if (parameter.substr(0, 7) != "socket=") {
-        return invalid_url();
-      }
-      socket = unescape(parameter.substr(7));
-      if (!socket) {
-        return invalid_url();
-      }
+    authority = authority.substr(at + 1);
+  }
+  // Query parameters (the last of a kind counts): "socket=PATH", required with +unix and
+  // refused otherwise, as QEMU's; with nbds, libnbd's TLS parameters.
+  std::optional<std::string> socket;
+  NbdUriTls uri_tls;
+  while (!query.empty()) {
+    size_t end = query.find('&');
+    std::string_view parameter = query.substr(0, end);
+    query = end == std::string_view::npos ? std::string_view() : query.substr(end + 1);
+    size_t equals = parameter.find('=');
+    if (equals == std::string_view::npos) {
+      return invalid_url();
     }
-    if (!socket) {
+    std::string_view key = parameter.substr(0, equals);
+    auto value = unescape(parameter.substr(equals + 1));
+    if (!value) {
+      return invalid_url();
+    }
+    if (key == "socket" && is_unix) {
+      socket = std::move(value);
+    } else if (key == "tls-certificates" && secure) {
+      uri_tls.certificates = std::move(value);
+    } else if (key == "tls-psk-file" && secure) {
+      uri_tls.psk_file = std::move(value);
+    } else if (key == "tls-username" && secure) {
+      uri_tls.username = std::move(value);
+    } else if (key == "tls-hostname" && secure) {
+      uri_tls.hostname = std::move(value);
+    } else if (key == "tls-verify-peer" && secure && (*value == "false" || *value == "true")) {
+      uri_tls.verify_peer = *value == "true";
+    } else {
+      return invalid_url();
+    }
+  }
+  if (secure) {
+    if (!uri_tls.username) {
+      uri_tls.username = std::move(user);
+    }
+    if (!uri_tls.certificates && !uri_tls.psk_file) {
+      return make_error(
+          ErrorKind::kInvalidArgument,
+          std::string(scheme) + ":// needs tls-certificates=DIR (x509) or tls-psk-file=FILE (PSK)");
+    }
+    *tls = std::move(uri_tls);
+  }
+  if (is_unix) {
+    if (!authority.empty() || !socket) {
       return invalid_url();
     }
     options["server"] = {{"type", "unix"}, {"path", *socket}};
     return options;
-  }
-  if (size_t at = authority.rfind('@'); at != std::string_view::npos) {
-    authority = authority.substr(at + 1);  // user info is ignored
   }
   std::string host;
   std::string port;
