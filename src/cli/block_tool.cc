@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -177,8 +178,34 @@ Result<std::unique_ptr<BlockSession>> BlockSession::create() {
   std::unique_ptr<BlockSession> session(new BlockSession());
   session->loop_ = std::move(loop).value();
   session->graph_ = std::make_unique<block::Graph>();
-  session->graph_->set_crypto_objects(&session->objects_);
+  session->graph_->set_crypto_objects(&tool_objects());
   return session;
+}
+
+crypto::ObjectTable& tool_objects() {
+  static crypto::ObjectTable objects;
+  return objects;
+}
+
+Result<void> add_tool_object(const std::string& spec) {
+  auto options = qmp::parse_keyval_or_json(spec, "qom-type");
+  if (!options) {
+    return std::move(options).error();
+  }
+  ArgDecoder d(*options, "", !qmp::option_is_json(spec));
+  static constexpr std::array<std::string_view, 5> kTypes = {
+      "iothread", "tls-creds-x509", "tls-creds-psk", "authz-simple", "authz-list"};
+  std::string type = d.enumeration("qom-type", kTypes);
+  if (d.failed()) {
+    return d.finish();
+  }
+  if (!crypto::ObjectTable::handles(type)) {
+    return make_error(ErrorKind::kInvalidArgument, "invalid object type: " + type);
+  }
+  std::string id = d.str("id");
+  crypto::ObjectTable& objects = tool_objects();
+  return objects.add(type, id, d,
+                     [&objects](const std::string& name) { return objects.contains(name); });
 }
 
 BlockSession::~BlockSession() {
@@ -238,7 +265,7 @@ Result<block::Node*> BlockSession::open(const ImageOpenRequest& request) {
     return std::move(options).error();
   }
   if (options->uri_tls_creds != nullptr) {
-    objects_.insert(options->tls_creds_id, options->uri_tls_creds);  // kept if already there
+    tool_objects().insert(options->tls_creds_id, options->uri_tls_creds);  // kept if present
   }
   // Keeps the probed protocol node alive until the format node holds it.
   std::shared_ptr<block::Node> probed_protocol;

@@ -41,6 +41,14 @@ struct OpenedImage {
   bool probed = false;
 };
 
+// The objects of a tool process (qemu-img's and qemu-io's --object): TLS credentials and authz
+// objects, which the images' nbd nodes name, and the credentials of nbds:// URIs. One table per
+// process, like QEMU's object root; every BlockSession's graph looks names up in it.
+crypto::ObjectTable& tool_objects();
+// --object SPEC (keyval or JSON): creates the object now, with QEMU's errors ("invalid object
+// type: iothread" for objects tools do not create).
+Result<void> add_tool_object(const std::string& spec);
+
 // The process's loop and graph; images opened here are closed (flushed by their users first) in
 // reverse order when the session ends.
 class BlockSession : public block::BlockParent {
@@ -66,7 +74,6 @@ class BlockSession : public block::BlockParent {
   BlockSession() = default;
 
   std::unique_ptr<aio::EventLoop> loop_;
-  crypto::ObjectTable objects_;  // TLS credentials the images' nbd nodes name
   std::unique_ptr<block::Graph> graph_;
   std::vector<OpenedImage> images_;
 };

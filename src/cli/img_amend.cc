@@ -69,7 +69,10 @@ int amend_main(int argc, char** argv) {
       case kOptForce:
         break;  // only matters for encryption changes, which strata does not support
       case kOptObject:
-        return object_unsupported();
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;

@@ -273,11 +273,14 @@ int bench_main(int argc, char** argv) {
       case kOptNoDrain:
         drain_on_flush = false;
         break;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;
-      case kOptObject:
-        return object_unsupported();
       case ':':
         return missing_argument(argv[optind - 1]);
       default:

@@ -308,7 +308,10 @@ int bitmap_main(int argc, char** argv) {
         merge = true;
         break;
       case kOptObject:
-        return object_unsupported();
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;

@@ -126,11 +126,14 @@ int check_main(int argc, char** argv) {
       case 'U':
         request.force_share = true;
         break;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;
-      case kOptObject:
-        return object_unsupported();
       case ':':
         return missing_argument(argv[optind - 1]);
       default:

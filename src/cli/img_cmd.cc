@@ -249,6 +249,7 @@ int info_main(int argc, char** argv) {
       {"output", required_argument, nullptr, kOptOutput},
       {"backing-chain", no_argument, nullptr, kOptBackingChain},
       {"image-opts", no_argument, nullptr, kOptImageOpts},
+      {"object", required_argument, nullptr, kOptObject},
       {"force-share", no_argument, nullptr, 'U'},
       {nullptr, 0, nullptr, 0},
   };
@@ -277,6 +278,11 @@ int info_main(int argc, char** argv) {
         break;
       case kOptBackingChain:
         chain = true;
+        break;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
         break;
       case kOptImageOpts:
         image_opts = true;

@@ -170,7 +170,10 @@ int commit_main(int argc, char** argv) {
         break;  // commit runs unthrottled
       }
       case kOptObject:
-        return object_unsupported();
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;

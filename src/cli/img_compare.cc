@@ -17,7 +17,7 @@ namespace strata::cli::img {
 
 namespace {
 
-enum { kOptImageOpts = 256 };
+enum { kOptImageOpts = 256, kOptObject };
 constexpr uint64_t kIoBufferSize = 2 << 20;
 constexpr uint64_t kSectorSize = 512;
 
@@ -183,6 +183,7 @@ int compare_main(int argc, char** argv) {
   static const option kLongOptions[] = {
       {"help", no_argument, nullptr, 'h'},
       {"image-opts", no_argument, nullptr, kOptImageOpts},
+      {"object", required_argument, nullptr, kOptObject},
       {"force-share", no_argument, nullptr, 'U'},
       {nullptr, 0, nullptr, 0},
   };
@@ -217,6 +218,11 @@ int compare_main(int argc, char** argv) {
         break;
       case 'p':
       case 'T':
+        break;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
         break;
       case kOptImageOpts:
         image_opts = true;

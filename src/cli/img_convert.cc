@@ -33,7 +33,14 @@ namespace strata::cli::img {
 
 namespace {
 
-enum { kOptImageOpts = 256, kOptTargetIsZero, kOptBitmaps, kOptSkipBrokenBitmaps, kOptSalvage };
+enum {
+  kOptImageOpts = 256,
+  kOptObject,
+  kOptTargetIsZero,
+  kOptBitmaps,
+  kOptSkipBrokenBitmaps,
+  kOptSalvage
+};
 constexpr uint64_t kSectorSize = 512;
 constexpr uint64_t kBufferBytes = 2 << 20;
 
@@ -583,6 +590,7 @@ int convert_main(int argc, char** argv) {
   static const option kLongOptions[] = {
       {"help", no_argument, nullptr, 'h'},
       {"image-opts", no_argument, nullptr, kOptImageOpts},
+      {"object", required_argument, nullptr, kOptObject},
       {"force-share", no_argument, nullptr, 'U'},
       {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},
       {"bitmaps", no_argument, nullptr, kOptBitmaps},
@@ -697,6 +705,11 @@ int convert_main(int argc, char** argv) {
         coroutines = static_cast<int>(value);
         break;
       }
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;

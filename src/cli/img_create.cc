@@ -323,8 +323,10 @@ bool is_qcow2_create_option(const std::string& key) {
 }
 
 int create_main(int argc, char** argv) {
+  enum { kOptObject = 256 };
   static const option kLongOptions[] = {
       {"help", no_argument, nullptr, 'h'},
+      {"object", required_argument, nullptr, kOptObject},
       {nullptr, 0, nullptr, 0},
   };
   std::string format = "raw";
@@ -342,6 +344,11 @@ int create_main(int argc, char** argv) {
             "usage: strata img create [-f raw|qcow2] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] "
             "[-q] FILENAME [SIZE]\n");
         return 0;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case 'f':
         format = optarg;
         break;

@@ -22,11 +22,12 @@ void report(const std::string& message);
 // qemu-img's error_exit: the message, a hint, exit status 1.
 int error_exit(const std::string& message);
 // The getopt results every sub-command handles alike (img_options.cc): a missing option
-// argument (":"), an unknown option ("?"), and --object, which strata img does not support (it
-// has no encryption or secrets to create objects for). Each reports and returns exit status 1.
+// argument (":"), an unknown option ("?"), and --object (created at once, as qemu-img does:
+// TLS credentials and authz objects for NBD images). Each returns exit status 1 after reporting
+// a failure, add_object 0 on success.
 int missing_argument(const char* option);
 int unrecognized_option(const char* option);
-int object_unsupported();
+int add_object(const char* spec);
 
 // The one image a sub-command works on, opened from a file name or (--image-opts) options.
 struct OpenedImage {

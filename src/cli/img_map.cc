@@ -13,7 +13,7 @@ namespace strata::cli::img {
 
 namespace {
 
-enum { kOptOutput = 256, kOptImageOpts, kOptStartOffset, kOptMaxLength };
+enum { kOptOutput = 256, kOptImageOpts, kOptStartOffset, kOptMaxLength, kOptObject };
 
 struct MapEntry {
   uint64_t start = 0;
@@ -118,6 +118,7 @@ int map_main(int argc, char** argv) {
       {"format", required_argument, nullptr, 'f'},
       {"output", required_argument, nullptr, kOptOutput},
       {"image-opts", no_argument, nullptr, kOptImageOpts},
+      {"object", required_argument, nullptr, kOptObject},
       {"force-share", no_argument, nullptr, 'U'},
       {"start-offset", required_argument, nullptr, kOptStartOffset},
       {"max-length", required_argument, nullptr, kOptMaxLength},
@@ -145,6 +146,11 @@ int map_main(int argc, char** argv) {
         break;
       case kOptOutput:
         output = optarg;
+        break;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
         break;
       case kOptImageOpts:
         image_opts = true;

@@ -261,9 +261,10 @@ int measure_main(int argc, char** argv) {
         }
         break;
       case kOptObject:
-        report(std::string("option ") + argv[optind - 1] +
-               " is not supported by strata img measure yet");
-        return 1;
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case ':':
         return missing_argument(argv[optind - 1]);
       default:

@@ -21,9 +21,13 @@ int unrecognized_option(const char* option) {
   return error_exit(std::string("Unknown option '") + option + "'");
 }
 
-int object_unsupported() {
-  report("--object is not supported by strata img");
-  return 1;
+int add_object(const char* spec) {
+  auto added = add_tool_object(spec);
+  if (!added) {
+    report(added.error().message());
+    return 1;
+  }
+  return 0;
 }
 
 std::optional<int64_t> parse_number(const char* text, const char* what, bool suffixes, int64_t min,

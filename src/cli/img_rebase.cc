@@ -232,7 +232,10 @@ int rebase_main(int argc, char** argv) {
         compress = true;
         break;
       case kOptObject:
-        return object_unsupported();
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;

@@ -110,11 +110,14 @@ int snapshot_main(int argc, char** argv) {
       case 'U':
         request.force_share = true;
         break;
+      case kOptObject:
+        if (add_object(optarg) != 0) {
+          return 1;
+        }
+        break;
       case kOptImageOpts:
         image_opts = true;
         break;
-      case kOptObject:
-        break;  // no object strata img opens needs one (no encryption, no secrets)
       case ':':
         return missing_argument(argv[optind - 1]);
       default:

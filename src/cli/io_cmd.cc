@@ -29,6 +29,7 @@ constexpr const char kUsage[] =
     "  -n, --nocache        disable host cache, cache=none (cache.direct=on)\n"
     "  -U, --force-share    force shared permissions\n"
     "      --image-opts     treat file as option string (keyval or JSON)\n"
+    "      --object OBJDEF  create an object (tls-creds-x509, tls-creds-psk, authz-*)\n"
     "  -t, --cache=MODE     cache mode: none, writeback, unsafe, directsync, writethrough\n"
     "  -h, --help           display this help and exit\n"
     "\n"
@@ -39,7 +40,7 @@ constexpr const char kUsage[] =
 }  // namespace
 
 int io_main(int argc, char** argv) {
-  enum { kImageOpts = 256 };
+  enum { kImageOpts = 256, kObject };
   static const option kLongOptions[] = {
       {"help", no_argument, nullptr, 'h'},
       {"cmd", required_argument, nullptr, 'c'},
@@ -49,6 +50,7 @@ int io_main(int argc, char** argv) {
       {"cache", required_argument, nullptr, 't'},
       {"force-share", no_argument, nullptr, 'U'},
       {"image-opts", no_argument, nullptr, kImageOpts},
+      {"object", required_argument, nullptr, kObject},
       {nullptr, 0, nullptr, 0},
   };
   std::vector<std::string> commands;
@@ -93,6 +95,14 @@ int io_main(int argc, char** argv) {
           request.cache_no_flush = true;
         } else if (mode != "writeback" && mode != "writethrough") {
           std::fprintf(stderr, "%s: Invalid cache option: %s\n", kProgram, optarg);
+          return 1;
+        }
+        break;
+      }
+      case kObject: {
+        auto added = add_tool_object(optarg);
+        if (!added) {
+          std::fprintf(stderr, "%s: %s\n", kProgram, added.error().message().c_str());
           return 1;
         }
         break;
