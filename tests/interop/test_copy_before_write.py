@@ -11,6 +11,16 @@ import pytest
 from test_backup_jobs import SIZE, MiB, add_qcow2, img, make_source, qio
 
 
+def cbw_options(bitmap=None, on_cbw_error=None):
+    """blockdev-add arguments of filter 'cbw' over 'disk' with target 'temp'."""
+    cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "temp"}
+    if bitmap:
+        cbw["bitmap"] = bitmap
+    if on_cbw_error:
+        cbw["on-cbw-error"] = on_cbw_error
+    return cbw
+
+
 def fleece(d, bitmap=None, on_cbw_error=None):
     q = d.qmp
     disk = make_source(d, "disk.qcow2")
@@ -18,12 +28,7 @@ def fleece(d, bitmap=None, on_cbw_error=None):
     img("create", "-q", "-f", "qcow2", temp, str(SIZE))
     add_qcow2(q, "disk", disk)
     add_qcow2(q, "temp", temp, backing="disk")
-    cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "temp"}
-    if bitmap:
-        cbw["bitmap"] = bitmap
-    if on_cbw_error:
-        cbw["on-cbw-error"] = on_cbw_error
-    q.ok("blockdev-add", cbw)
+    q.ok("blockdev-add", cbw_options(bitmap, on_cbw_error))
     sock = os.path.join(d.dir, "nbd.sock")
     q.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
     q.ok("block-export-add", {"type": "nbd", "id": "guest", "node-name": "cbw",

@@ -9,6 +9,7 @@
 #include "block/drivers/null/null_node.h"
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/drivers/raw/raw_node.h"
+#include "block/drivers/snapshot_access/snapshot_access_node.h"
 
 namespace strata::block {
 
@@ -23,6 +24,7 @@ const Driver kDrivers[] = {
     {"null-co", &NullNode::parse, &NullNode::open_co},
     {"qcow2", &qcow2::Qcow2Node::parse, &qcow2::Qcow2Node::open},
     {"raw", &RawNode::parse, &RawNode::open},
+    {"snapshot-access", &SnapshotAccessNode::parse, &SnapshotAccessNode::open},
 };
 }  // namespace
 

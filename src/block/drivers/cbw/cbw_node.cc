@@ -1,5 +1,6 @@
 #include "block/drivers/cbw/cbw_node.h"
 
+#include <algorithm>
 #include <array>
 
 #include "block/bitmap/dirty_bitmap.h"
@@ -75,6 +76,12 @@ Result<std::shared_ptr<Node>> CbwNode::open(OpenContext& context, const Blockdev
     frozen.clear();
     frozen.merge_from(*bitmap);
   }
+  const uint64_t cluster = node->block_copy_->cluster_size();
+  node->access_bitmap_ =
+      std::make_unique<bitmap::DirtyBitmap>("", source.length(), static_cast<uint32_t>(cluster));
+  node->access_bitmap_->merge_from(node->block_copy_->copy_bitmap());
+  node->done_bitmap_ =
+      std::make_unique<bitmap::DirtyBitmap>("", source.length(), static_cast<uint32_t>(cluster));
   node->limits_ = source.limits();
   return std::shared_ptr<Node>(std::move(node));
 }
@@ -94,11 +101,20 @@ aio::Task<Result<void>> CbwNode::copy_before_write(uint64_t offset, uint64_t byt
   if (snapshot_broken_) {
     co_return ok();
   }
+  const uint64_t cluster = block_copy_->cluster_size();
+  const uint64_t start = offset / cluster * cluster;
+  const uint64_t end = std::min(length(), (offset + bytes + cluster - 1) / cluster * cluster);
   Result<void> copied = co_await block_copy_->copy_range(offset, bytes);
-  if (copied || !break_snapshot_) {
+  if (!copied && !break_snapshot_) {
     co_return copied;
   }
-  snapshot_broken_ = true;  // the guest write goes on; the frozen view is lost
+  if (copied) {
+    done_bitmap_->set(start, end - start);
+  } else {
+    snapshot_broken_ = true;  // the guest write goes on; the frozen view is lost
+  }
+  // Snapshot readers still reading the old data from `file` finish first.
+  co_await wait_frozen_reads(start, end - start);
   co_return ok();
 }
 

@@ -8,9 +8,20 @@
 // frozen; the others are never copied), on-cbw-error (break-guest-write: the guest write fails
 // when the copy fails; break-snapshot: the write goes on and the snapshot is marked broken, no
 // more copies are made), min-cluster-size. cbw-timeout is not supported.
+//
+// Snapshot access (QEMU's cbw_snapshot_* API, used by the snapshot-access driver): the frozen
+// view is read through the filter itself. A cluster already copied reads from `target`; any other
+// cluster reads from `file` while a guest write to it waits until that read is done (so the
+// target needs no backing link and may be any format). Clusters outside the bitmap, discarded
+// from the snapshot, or every cluster after a break-snapshot failure fail with EACCES.
 
+#include <memory>
 #include <optional>
 #include <string>
+#include <vector>
+
+#include "aio/sync.h"
+#include "block/bitmap/dirty_bitmap.h"
 
 #include "block/copy/block_copy.h"
 #include "block/drivers/driver.h"
@@ -48,6 +59,15 @@ class CbwNode final : public Node {
   void child_perm(const Child& child, uint64_t perm, uint64_t shared, uint64_t& child_perm,
                   uint64_t& child_shared) const override;
 
+  // ---- the frozen view (cbw_snapshot.cc) -------------------------------------------------
+  // Reads [offset, offset + bytes) as it was when the filter was inserted.
+  aio::Task<Result<void>> snapshot_preadv(uint64_t offset, uint64_t bytes, IoVector qiov);
+  // Status of the frozen view at `offset` (from `target` where copied, else from `file`).
+  aio::Task<Result<BlockStatus>> snapshot_block_status(uint64_t offset, uint64_t bytes);
+  // Drops the whole clusters inside the range from the snapshot: they become unreadable, are
+  // never copied again, and their copies in `target` are discarded.
+  aio::Task<Result<void>> snapshot_discard(uint64_t offset, uint64_t bytes);
+
   // The engine, for tests and fleecing readers; nullptr after a break-snapshot failure.
   copy::BlockCopy* block_copy() const { return snapshot_broken_ ? nullptr : block_copy_.get(); }
   bool snapshot_broken() const { return snapshot_broken_; }
@@ -57,9 +77,32 @@ class CbwNode final : public Node {
   // QEMU's cbw_do_copy_before_write.
   aio::Task<Result<void>> copy_before_write(uint64_t offset, uint64_t bytes);
 
+  // A snapshot read of `file` in flight; guest writes to its clusters wait for it.
+  struct FrozenRead {
+    uint64_t offset;
+    uint64_t bytes;
+  };
+  // Where the frozen view of the run at `offset` lives: the child to read and the run length
+  // (<= bytes), or EACCES.
+  struct SnapshotRun {
+    Node* child;
+    uint64_t bytes;
+    bool from_file;
+  };
+  Result<SnapshotRun> snapshot_run(uint64_t offset, uint64_t bytes) const;
+  // Waits until no snapshot read of `file` overlaps [offset, offset + bytes).
+  aio::Task<void> wait_frozen_reads(uint64_t offset, uint64_t bytes);
+  Node& target() const { return *children()[1]->node(); }
+
   bool break_snapshot_;
   bool snapshot_broken_ = false;
   std::unique_ptr<copy::BlockCopy> block_copy_;
+  // Set: the cluster belongs to the frozen view (the bitmap option, less discarded clusters).
+  std::unique_ptr<bitmap::DirtyBitmap> access_bitmap_;
+  // Set: the cluster's old contents are in `target`.
+  std::unique_ptr<bitmap::DirtyBitmap> done_bitmap_;
+  std::vector<FrozenRead*> frozen_reads_;
+  aio::CoQueue frozen_read_ended_;
 };
 
 }  // namespace strata::block
