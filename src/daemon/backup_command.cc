@@ -7,6 +7,7 @@
 #include "base/arg_decoder.h"
 #include "block/backup/backup_job.h"
 #include "daemon/daemon.h"
+#include "daemon/transaction.h"
 
 namespace strata::daemon {
 
@@ -48,43 +49,64 @@ Result<std::shared_ptr<block::Node>> lookup(block::Graph& graph, const std::stri
 
 }  // namespace
 
+BackupArgs decode_backup_args(ArgDecoder& d) {
+  BackupArgs a;
+  a.job_id = d.opt_str("job-id");
+  a.device = d.str("device");
+  a.target = d.str("target");
+  a.sync = d.enumeration("sync", kSyncModes);
+  a.speed = d.opt_i64("speed");
+  a.bitmap_name = d.opt_str("bitmap");
+  a.bitmap_mode = d.opt_enum("bitmap-mode", kBitmapModes);
+  a.compress = d.opt_bool("compress").value_or(false);
+  a.on_source_error =
+      d.opt_enum("on-source-error", block::job::on_error_names()).value_or("report");
+  a.on_target_error =
+      d.opt_enum("on-target-error", block::job::on_error_names()).value_or("report");
+  a.auto_finalize = d.opt_bool("auto-finalize").value_or(true);
+  a.auto_dismiss = d.opt_bool("auto-dismiss").value_or(true);
+  // Accepted; strata inserts no filter node (copy-before-write is a write notifier).
+  (void)d.opt_str("filter-node-name");
+  a.discard_source = d.opt_bool("discard-source").value_or(false);
+  if (auto perf = d.opt_object("x-perf")) {
+    (void)perf->opt_bool("use-copy-range");
+    a.max_workers = perf->opt_i64("max-workers");
+    a.max_chunk = perf->opt_i64("max-chunk");
+    a.min_cluster_size = perf->opt_size("min-cluster-size");
+    ignore_error(perf->finish(), "recorded in the shared decoder state");
+  }
+  return a;
+}
+
 Result<std::unique_ptr<BackupAction>> BackupAction::prepare(
     Daemon& daemon, const nlohmann::json& args, std::shared_ptr<block::job::JobTxn> txn) {
   ArgDecoder d(args);
-  std::optional<std::string> job_id = d.opt_str("job-id");
-  std::string device = d.str("device");
-  std::string target_name = d.str("target");
-  std::string sync = d.enumeration("sync", kSyncModes);
-  std::optional<int64_t> speed = d.opt_i64("speed");
-  std::optional<std::string> bitmap_name = d.opt_str("bitmap");
-  std::optional<std::string> bitmap_mode = d.opt_enum("bitmap-mode", kBitmapModes);
-  bool compress = d.opt_bool("compress").value_or(false);
-  std::string on_source_error =
-      d.opt_enum("on-source-error", block::job::on_error_names()).value_or("report");
-  std::string on_target_error =
-      d.opt_enum("on-target-error", block::job::on_error_names()).value_or("report");
-  bool auto_finalize = d.opt_bool("auto-finalize").value_or(true);
-  bool auto_dismiss = d.opt_bool("auto-dismiss").value_or(true);
-  // Accepted; strata inserts no filter node (copy-before-write is a write notifier).
-  (void)d.opt_str("filter-node-name");
-  bool discard_source = d.opt_bool("discard-source").value_or(false);
-  std::optional<int64_t> max_workers;
-  std::optional<int64_t> max_chunk;
-  std::optional<uint64_t> min_cluster_size;
-  if (auto perf = d.opt_object("x-perf")) {
-    (void)perf->opt_bool("use-copy-range");
-    max_workers = perf->opt_i64("max-workers");
-    max_chunk = perf->opt_i64("max-chunk");
-    min_cluster_size = perf->opt_size("min-cluster-size");
-    auto done = perf->finish();
-    if (!done) {
-      return std::move(done).error();
-    }
-  }
+  BackupArgs a = decode_backup_args(d);
   auto decoded = d.finish();
   if (!decoded) {
     return std::move(decoded).error();
   }
+  return create(daemon, std::move(a), std::move(txn));
+}
+
+Result<std::unique_ptr<BackupAction>> BackupAction::create(
+    Daemon& daemon, BackupArgs a, std::shared_ptr<block::job::JobTxn> txn) {
+  std::optional<std::string> job_id = std::move(a.job_id);
+  const std::string& device = a.device;
+  const std::string& target_name = a.target;
+  std::string sync = a.sync;
+  std::optional<int64_t> speed = a.speed;
+  std::optional<std::string> bitmap_name = a.bitmap_name;
+  std::optional<std::string> bitmap_mode = a.bitmap_mode;
+  const bool compress = a.compress;
+  const std::string& on_source_error = a.on_source_error;
+  const std::string& on_target_error = a.on_target_error;
+  const bool auto_finalize = a.auto_finalize;
+  const bool auto_dismiss = a.auto_dismiss;
+  const bool discard_source = a.discard_source;
+  std::optional<int64_t> max_workers = a.max_workers;
+  std::optional<int64_t> max_chunk = a.max_chunk;
+  std::optional<uint64_t> min_cluster_size = a.min_cluster_size;
 
   block::Graph& graph = daemon.graph();
   auto source = lookup(graph, device);
@@ -218,7 +240,40 @@ void BackupAction::abort() {
   (void)daemon_.jobs().user_cancel(*job_, true);
 }
 
+namespace {
+
+// blockdev-backup as an action of `transaction`: decoded with the other actions, the job created
+// in prepare (in the transaction's JobTxn with completion-mode=grouped), started in commit.
+class BackupTransactionAction : public TransactionAction {
+ public:
+  BackupTransactionAction(Daemon& daemon, BackupArgs args)
+      : daemon_(daemon), args_(std::move(args)) {}
+  aio::Task<Result<void>> prepare() override {
+    auto action = BackupAction::create(daemon_, std::move(args_), job_txn);
+    if (!action) {
+      co_return std::move(action).error();
+    }
+    action_ = std::move(action).value();
+    co_return ok();
+  }
+  void commit() override { action_->commit(); }
+  void abort() override { action_->abort(); }
+
+ private:
+  Daemon& daemon_;
+  BackupArgs args_;
+  std::unique_ptr<BackupAction> action_;
+};
+
+}  // namespace
+
 void register_backup_command(Daemon& daemon) {
+  daemon.transaction_actions().add(
+      "blockdev-backup",
+      [](Daemon& owner, ArgDecoder& data) -> std::unique_ptr<TransactionAction> {
+        return std::make_unique<BackupTransactionAction>(owner, decode_backup_args(data));
+      },
+      /*supports_grouped=*/true);
   daemon.command_table().add(
       "blockdev-backup",
       [&daemon](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {

@@ -5,12 +5,16 @@
 //             nothing is started. Errors are the command's errors.
 //   commit  - starts the job (running, and QEMU's paused/running pair of the drained start).
 //   abort   - cancels the job that prepare created (aborting, concluded, null).
-// The standalone command is prepare + commit.
+// The standalone command is prepare + commit; `transaction` runs it as action "blockdev-backup".
 
+#include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
+#include "base/arg_decoder.h"
 #include "base/result.h"
 #include "block/job/job.h"
 
@@ -18,12 +22,38 @@ namespace strata::daemon {
 
 class Daemon;
 
+// blockdev-backup's arguments, decoded (QEMU's BlockdevBackup).
+struct BackupArgs {
+  std::optional<std::string> job_id;
+  std::string device;
+  std::string target;
+  std::string sync;
+  std::optional<int64_t> speed;
+  std::optional<std::string> bitmap_name;
+  std::optional<std::string> bitmap_mode;
+  bool compress = false;
+  std::string on_source_error;
+  std::string on_target_error;
+  bool auto_finalize = true;
+  bool auto_dismiss = true;
+  bool discard_source = false;
+  std::optional<int64_t> max_workers;  // x-perf
+  std::optional<int64_t> max_chunk;
+  std::optional<uint64_t> min_cluster_size;
+};
+
+// Decodes the members of `d` (errors recorded in `d`; the caller finishes it).
+BackupArgs decode_backup_args(ArgDecoder& d);
+
 class BackupAction {
  public:
   // `txn`: the JobTxn of a grouped transaction, or nullptr.
   static Result<std::unique_ptr<BackupAction>> prepare(
       Daemon& daemon, const nlohmann::json& args,
       std::shared_ptr<block::job::JobTxn> txn = nullptr);
+  // Checks decoded arguments and creates the job (prepare without the decoding).
+  static Result<std::unique_ptr<BackupAction>> create(
+      Daemon& daemon, BackupArgs args, std::shared_ptr<block::job::JobTxn> txn = nullptr);
   void commit();
   void abort();
 

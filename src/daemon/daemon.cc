@@ -54,6 +54,8 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   });
   graph_.set_crypto_objects(&crypto_objects_,
                             [this](const std::string& id) { return has_iothread(id); });
+  // Before any registration: commands add their transaction forms to it.
+  transaction_actions_ = std::make_unique<TransactionActionTable>();
   register_commands();
   register_block_commands();
   register_job_commands();
@@ -65,7 +67,6 @@ Daemon::Daemon(aio::EventLoop& main_loop)
       [this](std::string name, nlohmann::json data) { monitors_.emit_event(name, data); });
   exports_ = std::make_unique<ExportManager>(*this);
   exports_->register_commands();
-  transaction_actions_ = std::make_unique<TransactionActionTable>();
   register_transaction_command(*this);
   register_bitmap_commands(*this);
 }

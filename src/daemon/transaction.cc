@@ -29,15 +29,24 @@ const TransactionActionTable::Entry* TransactionActionTable::find(const std::str
 aio::Task<Result<void>> run_transaction(std::vector<std::unique_ptr<TransactionAction>> actions,
                                         std::vector<const TransactionActionTable::Entry*> entries,
                                         std::vector<std::string> types, bool grouped) {
+  if (grouped) {
+    // QEMU checks every action before preparing any.
+    for (size_t i = 0; i < actions.size(); ++i) {
+      if (!entries[i]->supports_grouped) {
+        co_return make_error(
+            ErrorKind::kInvalidArgument,
+            "Action '" + types[i] +
+                "' does not support transaction property completion-mode = grouped");
+      }
+    }
+    auto txn = block::job::JobManager::new_txn();
+    for (auto& action : actions) {
+      action->job_txn = txn;
+    }
+  }
   size_t prepared = 0;
   std::optional<Error> failure;
   for (; prepared < actions.size(); ++prepared) {
-    if (grouped && !entries[prepared]->supports_grouped) {
-      failure = make_error(ErrorKind::kInvalidArgument,
-                           "Action '" + types[prepared] +
-                               "' does not support transaction property completion-mode = grouped");
-      break;
-    }
     Result<void> result = co_await actions[prepared]->prepare();
     if (!result) {
       failure = std::move(result).error();

@@ -24,6 +24,7 @@
 #include "aio/task.h"
 #include "base/arg_decoder.h"
 #include "base/result.h"
+#include "block/job/job.h"
 
 namespace strata::daemon {
 
@@ -41,6 +42,10 @@ class TransactionAction {
   virtual void abort() {}
   // Releases what the action held, after commit() or abort().
   virtual void clean() {}
+
+  // With completion-mode=grouped: the JobTxn every job the transaction starts joins (set before
+  // prepare(); nullptr otherwise).
+  std::shared_ptr<block::job::JobTxn> job_txn;
 };
 
 // Decodes the `data` member of one action (the decoder's path is "actions[i].data", or the
@@ -70,7 +75,7 @@ class TransactionActionTable {
 
 // Prepares, then commits `actions`, or aborts the prepared ones on the first failure (see
 // above). `grouped` is completion-mode=grouped: an action type that does not support it fails
-// in its turn with QEMU's message.
+// the transaction before anything is prepared (QEMU's message); the others share one JobTxn.
 aio::Task<Result<void>> run_transaction(std::vector<std::unique_ptr<TransactionAction>> actions,
                                         std::vector<const TransactionActionTable::Entry*> entries,
                                         std::vector<std::string> types, bool grouped);
