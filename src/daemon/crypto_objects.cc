@@ -10,9 +10,8 @@ Result<void> Daemon::add_crypto_object(const std::string& qom_type, const std::s
                                        ArgDecoder& d) {
   // QEMU sets the properties, then adds the object under its id, then loads it: property errors
   // come first, the duplicate id second, file errors last.
-  return crypto_objects_.add(qom_type, id, d, [this](const std::string& name) {
-    return iothreads_.count(name) != 0 || crypto_objects_.contains(name);
-  });
+  return crypto_objects_.add(qom_type, id, d,
+                             [this](const std::string& name) { return object_id_taken(name); });
 }
 
 }  // namespace strata::daemon

@@ -52,8 +52,10 @@ Daemon::Daemon(aio::EventLoop& main_loop)
       monitors_.emit_event(name, data);
     });
   });
-  graph_.set_crypto_objects(&crypto_objects_,
-                            [this](const std::string& id) { return has_iothread(id); });
+  graph_.set_crypto_objects(&crypto_objects_, [this](const std::string& id) {
+    return has_iothread(id) || throttle_groups_.contains(id);
+  });
+  graph_.set_throttle_groups(&throttle_groups_);
   // Before any registration: commands add their transaction forms to it.
   transaction_actions_ = std::make_unique<TransactionActionTable>();
   register_commands();
@@ -79,12 +81,20 @@ nlohmann::json Daemon::version_info() {
 
 Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
   ArgDecoder d(options, "", keyval);
-  static constexpr std::array<std::string_view, 5> kTypes = {
-      "iothread", "tls-creds-x509", "tls-creds-psk", "authz-simple", "authz-list"};
+  static constexpr std::array<std::string_view, 6> kTypes = {"iothread",      "tls-creds-x509",
+                                                             "tls-creds-psk", "authz-simple",
+                                                             "authz-list",    "throttle-group"};
   std::string type = d.enumeration("qom-type", kTypes);
   std::string id = d.str("id");
   if (crypto::ObjectTable::handles(type)) {
     return add_crypto_object(type, id, d);
+  }
+  if (type == "throttle-group") {
+    if (d.failed()) {
+      return d.finish();
+    }
+    return throttle_groups_.add(id, d,
+                                [this](const std::string& name) { return object_id_taken(name); });
   }
   // iothread properties are accepted; strata's loops need no polling or batch tuning.
   (void)d.opt_i64("poll-max-ns");
@@ -97,9 +107,8 @@ Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
   if (!decoded) {
     return decoded;
   }
-  if (iothreads_.count(id) != 0 || crypto_objects_.contains(id)) {
-    return make_error(ErrorKind::kExists, "attempt to add duplicate property '" + id +
-                                              "' to object (type 'container')");
+  if (object_id_taken(id)) {
+    return duplicate_object(id);
   }
   auto thread = IoThread::start(id);
   if (!thread) {
@@ -109,9 +118,21 @@ Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
   return ok();
 }
 
+bool Daemon::object_id_taken(const std::string& id) const {
+  return iothreads_.count(id) != 0 || crypto_objects_.contains(id) || throttle_groups_.contains(id);
+}
+
+Error Daemon::duplicate_object(const std::string& id) {
+  return make_error(ErrorKind::kExists,
+                    "attempt to add duplicate property '" + id + "' to object (type 'container')");
+}
+
 Result<void> Daemon::object_del(const std::string& id) {
   if (crypto_objects_.remove(id)) {
     return ok();  // users that resolved it (a running NBD server) keep their reference
+  }
+  if (throttle_groups_.contains(id)) {
+    return throttle_groups_.remove(id);
   }
   auto it = iothreads_.find(id);
   if (it == iothreads_.end()) {

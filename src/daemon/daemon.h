@@ -15,6 +15,7 @@
 #include "base/result.h"
 #include "block/graph/graph.h"
 #include "block/job/job.h"
+#include "block/throttle/throttle_group.h"
 #include "crypto/object_table.h"
 #include "qmp/command_table.h"
 #include "qmp/monitor.h"
@@ -82,6 +83,9 @@ class Daemon {
  private:
   void register_commands();
   Result<void> add_crypto_object(const std::string& qom_type, const std::string& id, ArgDecoder& d);
+  // Whether a user-created object (iothread, crypto, throttle group) has `id`.
+  bool object_id_taken(const std::string& id) const;
+  static Error duplicate_object(const std::string& id);
   void register_block_commands();
   void register_job_commands();
 
@@ -93,6 +97,7 @@ class Daemon {
   block::job::JobManager jobs_;
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
   crypto::ObjectTable crypto_objects_;
+  block::throttle::ThrottleGroups throttle_groups_;
   // Deleted by object-del while an export still used them; stopped when the daemon exits.
   std::vector<std::unique_ptr<IoThread>> retired_iothreads_;
   // After graph_ and monitors_: exports hold root edges and emit events.

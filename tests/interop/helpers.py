@@ -6,6 +6,7 @@ Everything here encodes behaviour observed on qemu-storage-daemon 10.0.2.
 import json
 import os
 import re
+import time
 
 GEN_NAME = re.compile(r"^#block\d+$")
 
@@ -123,3 +124,16 @@ def proc_locks(path):
     key = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     with open("/proc/locks") as f:
         return [line.split() for line in f if key in line.split()]
+
+
+def delete_export_after_clients_left(q, export_id, timeout=10.0):
+    """block-export-del once the clients that just disconnected are gone: a client process that
+    exited has closed its socket, but the server may not have seen the hang-up yet, and until
+    then the export is "still in use" (on both daemons)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = q.cmd("block-export-del", id=export_id)
+        if "return" in reply or time.monotonic() > deadline or \
+                "still in use" not in reply["error"]["desc"]:
+            return reply
+        time.sleep(0.05)

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from conftest import make_raw
+from helpers import delete_export_after_clients_left
 
 MiB = 1 << 20
 
@@ -186,6 +187,6 @@ def test_export_blocks_inactivation(daemon, img):
         generic("Failed to inactivate node: Operation not permitted")
     assert q.cmd("blockdev-set-active", active=False) == \
         generic("Failed to inactivate all nodes: Operation not permitted")
-    assert q.cmd("block-export-del", id="e0") == {"return": {}}
+    assert delete_export_after_clients_left(q, "e0") == {"return": {}}
     q.wait_event("BLOCK_EXPORT_DELETED")
     assert q.cmd("blockdev-set-active", node_name="r0", active=False) == {"return": {}}

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import make_qcow2, make_raw, need_tool
-from helpers import lock_bytes
+from helpers import delete_export_after_clients_left, lock_bytes
 
 MiB = 1 << 20
 QCOW2_RW = {100, 101, 103, 201, 203}
@@ -177,7 +177,7 @@ def test_raw_export_lock_bytes(daemon):
     assert q.cmd("blockdev-set-active", active=False) == \
         generic("Failed to inactivate all nodes: Operation not permitted")
     assert locks(d.pid, img) == {100, 101, 203}
-    assert q.cmd("block-export-del", id="e0") == {"return": {}}
+    assert delete_export_after_clients_left(q, "e0") == {"return": {}}
     d.qmp.wait_event("BLOCK_EXPORT_DELETED")
     assert locks(d.pid, img) == set()
     assert q.cmd("block-export-add", type="nbd", id="e1", node_name="r0", writable=False) == \

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from conftest import need_tool
+from helpers import delete_export_after_clients_left
 
 MiB = 1 << 20
 L1_OFFSET = 0x30000  # qemu-img create's layout for 64 KiB clusters
@@ -79,7 +80,7 @@ def test_write_over_l1_marks_image_corrupt(daemon):
     assert "write failed" in second.stdout + second.stderr
     assert "Marking image as corrupt: Preventing invalid write on metadata (overlaps with " \
            "active L1 table); further corruption events will be suppressed" in d.stderr()
-    assert q.cmd("block-export-del", id="e0") == {"return": {}}
+    assert delete_export_after_clients_left(q, "e0") == {"return": {}}
     q.wait_event("BLOCK_EXPORT_DELETED")
     assert q.cmd("blockdev-del", node_name="q0") == {"return": {}}
     # Read-write open refused with QEMU's text; read-only open works.
@@ -235,7 +236,7 @@ def test_write_over_each_structure_marks_image_corrupt(daemon, target):
             return
         assert written.returncode == 0 and "failed" not in written.stdout, written
         assert not [e for e in q.events if e["event"] == "BLOCK_IMAGE_CORRUPTED"]
-        assert q.cmd("block-export-del", id="e0") == {"return": {}}
+        assert delete_export_after_clients_left(q, "e0") == {"return": {}}
         q.wait_event("BLOCK_EXPORT_DELETED")
         assert q.cmd("nbd-server-stop") == {"return": {}}
         assert q.cmd("blockdev-del", node_name=node) == {"return": {}}

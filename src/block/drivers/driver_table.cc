@@ -10,6 +10,7 @@
 #include "block/drivers/qcow2/qcow2_node.h"
 #include "block/drivers/raw/raw_node.h"
 #include "block/drivers/snapshot_access/snapshot_access_node.h"
+#include "block/drivers/throttle/throttle_node.h"
 
 namespace strata::block {
 
@@ -25,6 +26,7 @@ const Driver kDrivers[] = {
     {"qcow2", &qcow2::Qcow2Node::parse, &qcow2::Qcow2Node::open},
     {"raw", &RawNode::parse, &RawNode::open},
     {"snapshot-access", &SnapshotAccessNode::parse, &SnapshotAccessNode::open},
+    {"throttle", &ThrottleNode::parse, &ThrottleNode::open},
 };
 }  // namespace
 

@@ -19,6 +19,9 @@
 namespace strata::crypto {
 class ObjectTable;
 }  // namespace strata::crypto
+namespace strata::block::throttle {
+class ThrottleGroups;
+}  // namespace strata::block::throttle
 
 namespace strata::block {
 
@@ -123,6 +126,9 @@ class Graph {
   }
   const crypto::ObjectTable* crypto_objects() const { return crypto_objects_; }
   bool has_other_object(const std::string& id) const { return other_object_ && other_object_(id); }
+  // The throttle-group objects `throttle` nodes name (nullptr: none can be created).
+  void set_throttle_groups(const throttle::ThrottleGroups* groups) { throttle_groups_ = groups; }
+  const throttle::ThrottleGroups* throttle_groups() const { return throttle_groups_; }
 
  private:
   Result<void> refresh_perms_in(const std::vector<Node*>& nodes, Transaction& tx);
@@ -138,6 +144,7 @@ class Graph {
   EventSink event_sink_;
   const crypto::ObjectTable* crypto_objects_ = nullptr;
   std::function<bool(const std::string&)> other_object_;
+  const throttle::ThrottleGroups* throttle_groups_ = nullptr;
 };
 
 }  // namespace strata::block
