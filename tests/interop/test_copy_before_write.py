@@ -11,9 +11,10 @@ import pytest
 from test_backup_jobs import SIZE, MiB, add_qcow2, img, make_source, qio
 
 
-def cbw_options(bitmap=None, on_cbw_error=None):
+def cbw_options(bitmap=None, on_cbw_error=None, **extra):
     """blockdev-add arguments of filter 'cbw' over 'disk' with target 'temp'."""
     cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "temp"}
+    cbw.update(extra)
     if bitmap:
         cbw["bitmap"] = bitmap
     if on_cbw_error:

@@ -15,7 +15,7 @@ from test_copy_before_write import cbw_options
 
 
 def fleece(d, temp_format="raw", bitmap=None, on_cbw_error=None, target=None,
-           fleece_writable=False, prepare_disk=None):
+           fleece_writable=False, prepare_disk=None, cbw_extra=None):
     """disk (qcow2 with the four patterns), temp, cbw over disk, access over cbw; exports
     'guest' (cbw, writable) and 'fleece' (access; writable for discards). Returns (guest URI,
     fleece URI, disk path, temp path)."""
@@ -33,7 +33,7 @@ def fleece(d, temp_format="raw", bitmap=None, on_cbw_error=None, target=None,
         target = {"driver": temp_format, "node-name": "temp",
                   "file": {"driver": "file", "filename": temp}}
     q.ok("blockdev-add", target)
-    q.ok("blockdev-add", cbw_options(bitmap, on_cbw_error))
+    q.ok("blockdev-add", cbw_options(bitmap, on_cbw_error, **(cbw_extra or {})))
     # discard=unmap: the backup tool's discards reach the node (QEMU's backup-discard-source).
     q.ok("blockdev-add", {"driver": "snapshot-access", "node-name": "access", "file": "cbw",
                           "discard": "unmap"})
@@ -180,3 +180,31 @@ def test_push_backup_from_the_snapshot(daemon):
     qio("-f", "raw", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M",
         "-c", "read -P 0x33 2M 1M", "-c", "read -P 0x44 3M 1M", backup)
     stop_fleece(q)
+
+
+@pytest.mark.parametrize("mode", ["break-guest-write", "break-snapshot"])
+def test_cbw_timeout(daemon, mode):
+    """QEMU's tests/copy-before-write timeout cases: the temporary image sits behind a throttle
+    group of 1 byte/s for writes, so the second copy cannot finish within cbw-timeout=1."""
+    d = daemon()
+    d.qmp.ok("object-add", {"qom-type": "throttle-group", "id": "tg",
+                            "limits": {"bps-write": 1}})
+    temp = make_raw(d, "temp.raw")
+    target = {"driver": "raw", "node-name": "temp",
+              "file": {"driver": "throttle", "throttle-group": "tg",
+                       "file": {"driver": "file", "filename": temp}}}
+    guest, fleece_uri, disk, _ = fleece(d, on_cbw_error=mode, target=target,
+                                        cbw_extra={"cbw-timeout": 1})
+    qio("-f", "raw", "-c", "write -P 0xe1 0 64k", guest)  # the first copy passes at once
+    r = qio("-f", "raw", "-c", "write -P 0xe2 1M 64k", guest, check=False)
+    if mode == "break-guest-write":
+        # ETIMEDOUT has no NBD error code: it travels as EINVAL.
+        assert "write failed: Invalid argument" in r.stdout, r.stdout + r.stderr
+        qio("-f", "raw", "-r", "-c", "read -P 0x11 0 64k", "-c", "read -P 0x22 1M 64k",
+            fleece_uri)
+    else:
+        assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+        r = qio("-f", "raw", "-r", "-c", "read 0 64k", fleece_uri, check=False)
+        assert "read failed: Invalid argument" in r.stdout, r.stdout + r.stderr
+    stop_fleece(d.qmp)
+    d.qmp.ok("object-del", {"id": "tg"})

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
+#include <climits>
 
 #include "block/bitmap/dirty_bitmap.h"
 #include "block/io/request.h"
@@ -28,15 +30,23 @@ std::unique_ptr<DriverOptions> CbwNode::parse(ArgDecoder& d) {
   options->break_snapshot =
       d.opt_enum("on-cbw-error", kOnCbwError).value_or("break-guest-write") == "break-snapshot";
   options->min_cluster_size = d.opt_size("min-cluster-size").value_or(0);
+  if (auto timeout = d.opt_u64("cbw-timeout")) {
+    if (*timeout > UINT32_MAX) {
+      d.fail(make_error(ErrorKind::kInvalidArgument, "Parameter 'cbw-timeout' expects uint32_t"));
+    }
+    options->cbw_timeout = static_cast<uint32_t>(*timeout);
+  }
   return options;
 }
 
-CbwNode::CbwNode(CommonOptions common, bool break_snapshot)
-    : Node(std::move(common)), break_snapshot_(break_snapshot) {}
+CbwNode::CbwNode(CommonOptions common, bool break_snapshot, uint32_t timeout_seconds)
+    : Node(std::move(common)),
+      break_snapshot_(break_snapshot),
+      timeout_ns_(uint64_t{timeout_seconds} * 1'000'000'000) {}
 
 Result<std::shared_ptr<Node>> CbwNode::open(OpenContext& context, const BlockdevOptions& options) {
   const auto& o = static_cast<const CbwOptions&>(*options.driver_options);
-  auto node = std::make_shared<CbwNode>(context.options(), o.break_snapshot);
+  auto node = std::make_shared<CbwNode>(context.options(), o.break_snapshot, o.cbw_timeout);
   auto file = context.attach(*node, o.file, "file", kRoleFiltered | kRolePrimary);
   if (!file) {
     return std::move(file).error();
@@ -104,7 +114,12 @@ aio::Task<Result<void>> CbwNode::copy_before_write(uint64_t offset, uint64_t byt
   const uint64_t cluster = block_copy_->cluster_size();
   const uint64_t start = offset / cluster * cluster;
   const uint64_t end = std::min(length(), (offset + bytes + cluster - 1) / cluster * cluster);
-  Result<void> copied = co_await block_copy_->copy_range(offset, bytes);
+  Result<void> copied = ok();
+  if (timeout_ns_ == 0) {
+    copied = co_await block_copy_->copy_range(offset, bytes);
+  } else {
+    copied = co_await copy_with_timeout(start, (offset + bytes + cluster - 1) / cluster * cluster);
+  }
   if (!copied && !break_snapshot_) {
     co_return copied;
   }
@@ -147,6 +162,41 @@ aio::Task<Result<void>> CbwNode::co_pdiscard(uint64_t offset, uint64_t bytes) {
     co_return copied;
   }
   co_return co_await io::pdiscard(file(), offset, bytes);
+}
+
+struct CbwNode::TimedCopy {
+  copy::BlockCopy::Call call;
+  std::optional<Result<void>> result;  // set when the copy ends
+  aio::Event finished;                 // the copy ended or the timeout passed
+};
+
+aio::Task<Result<void>> CbwNode::copy_with_timeout(uint64_t start, uint64_t end) {
+  auto copy = std::make_shared<TimedCopy>();
+  copy->call.offset = start;
+  copy->call.bytes = end - start;
+  copy->call.ignore_ratelimit = true;
+  background_.spawn(run_timed_copy(copy));
+  if (!copy->result) {
+    background_.spawn(run_timer(copy));
+    co_await copy->finished.wait();
+  }
+  if (copy->result) {
+    co_return *copy->result;
+  }
+  // No new chunks; the ones in flight finish in the background.
+  block_copy_->cancel(copy->call);
+  co_return Error(ErrorKind::kTimeout, "Connection timed out", ETIMEDOUT);
+}
+
+aio::Task<void> CbwNode::run_timed_copy(std::shared_ptr<TimedCopy> copy) {
+  Result<void> result = co_await block_copy_->run(copy->call);
+  copy->result = std::move(result);
+  copy->finished.set();
+}
+
+aio::Task<void> CbwNode::run_timer(std::shared_ptr<TimedCopy> copy) {
+  (void)co_await aio::EventLoop::current()->sleep_for(std::chrono::nanoseconds(timeout_ns_));
+  copy->finished.set();
 }
 
 }  // namespace strata::block

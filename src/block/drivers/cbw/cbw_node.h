@@ -7,7 +7,9 @@
 // Options: file, target (BlockdevRefs), bitmap {node, name} (only the clusters set in it are
 // frozen; the others are never copied), on-cbw-error (break-guest-write: the guest write fails
 // when the copy fails; break-snapshot: the write goes on and the snapshot is marked broken, no
-// more copies are made), min-cluster-size. cbw-timeout is not supported.
+// more copies are made), min-cluster-size, cbw-timeout (seconds, 0 = none: a copy that takes
+// longer fails the guest write with ETIMEDOUT, or breaks the snapshot, per on-cbw-error; the
+// copy itself goes on in the background, as QEMU's block_copy with a timeout does).
 //
 // Snapshot access (QEMU's cbw_snapshot_* API, used by the snapshot-access driver): the frozen
 // view is read through the filter itself. A cluster already copied reads from `target`; any other
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "aio/sync.h"
+#include "aio/task_group.h"
 #include "block/bitmap/dirty_bitmap.h"
 
 #include "block/copy/block_copy.h"
@@ -35,6 +38,7 @@ struct CbwOptions : DriverOptions {
   std::optional<std::string> bitmap_name;
   bool break_snapshot = false;  // on-cbw-error
   uint64_t min_cluster_size = 0;
+  uint32_t cbw_timeout = 0;  // seconds
 };
 
 class CbwNode final : public Node {
@@ -42,7 +46,7 @@ class CbwNode final : public Node {
   static std::unique_ptr<DriverOptions> parse(ArgDecoder& d);
   static Result<std::shared_ptr<Node>> open(OpenContext& context, const BlockdevOptions& options);
 
-  CbwNode(CommonOptions common, bool break_snapshot);
+  CbwNode(CommonOptions common, bool break_snapshot, uint32_t timeout_seconds);
 
   const char* driver_name() const override { return "copy-before-write"; }
   bool is_filter() const override { return true; }
@@ -93,6 +97,12 @@ class CbwNode final : public Node {
   // Waits until no snapshot read of `file` overlaps [offset, offset + bytes).
   aio::Task<void> wait_frozen_reads(uint64_t offset, uint64_t bytes);
   Node& target() const { return *children()[1]->node(); }
+  // One copy under cbw-timeout, shared by the waiting guest write and the background tasks.
+  struct TimedCopy;
+  // The block-copy call over [start, end) waited for at most the timeout.
+  aio::Task<Result<void>> copy_with_timeout(uint64_t start, uint64_t end);
+  aio::Task<void> run_timed_copy(std::shared_ptr<TimedCopy> copy);
+  aio::Task<void> run_timer(std::shared_ptr<TimedCopy> copy);
 
   bool break_snapshot_;
   bool snapshot_broken_ = false;
@@ -103,6 +113,10 @@ class CbwNode final : public Node {
   std::unique_ptr<bitmap::DirtyBitmap> done_bitmap_;
   std::vector<FrozenRead*> frozen_reads_;
   aio::CoQueue frozen_read_ended_;
+  uint64_t timeout_ns_ = 0;
+  // Copies that outlived their timeout, and the timers of timed copies. Declared last: destroyed
+  // (their I/O cancelled) before the engine and the children they use.
+  aio::TaskGroup background_;
 };
 
 }  // namespace strata::block
