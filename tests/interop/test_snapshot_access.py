@@ -208,3 +208,34 @@ def test_cbw_timeout(daemon, mode):
         assert "read failed: Invalid argument" in r.stdout, r.stdout + r.stderr
     stop_fleece(d.qmp)
     d.qmp.ok("object-del", {"id": "tg"})
+
+
+def test_backup_discard_source_empties_the_temporary_image(daemon):
+    """QEMU's tests/backup-discard-source: a backup job reading the snapshot with discard-source
+    frees each region of the temporary image once it is copied."""
+    from test_backup_jobs import add_raw, collect_until, run_cmd
+    d = daemon()
+    q = d.qmp
+    temp = os.path.join(d.dir, "temp.qcow2")
+    img("create", "-q", "-f", "qcow2", temp, str(SIZE))
+    # discard=unmap on the temporary image too, or its discards are dropped.
+    target = {"driver": "qcow2", "node-name": "temp", "discard": "unmap",
+              "file": {"driver": "file", "filename": temp}}
+    guest, fleece_uri, disk, _ = fleece(d, "qcow2", target=target)
+    qio("-f", "raw", "-c", "write -P 0xf1 0 1M", "-c", "write -P 0xf2 3M 512k", guest)
+    backup = make_raw(d, "backup.raw")
+    add_raw(q, "backup", backup)
+    r, before = run_cmd(q, "blockdev-backup", {"job-id": "b0", "device": "access",
+                                               "target": "backup", "sync": "full",
+                                               "discard-source": True})
+    assert r == {"return": {}}, r
+    collect_until(q, "null")
+    q.ok("blockdev-del", {"node-name": "backup"})
+    qio("-f", "raw", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M",
+        "-c", "read -P 0x33 2M 1M", "-c", "read -P 0x44 3M 1M", backup)
+    # Every region was read, so every copy in the temporary image was discarded.
+    r = qio("-f", "raw", "-r", "-c", "read 0 64k", fleece_uri, check=False)
+    assert "read failed" in r.stdout, r.stdout + r.stderr
+    stop_fleece(q)
+    r = img("map", "--output=json", "-f", "qcow2", temp)
+    assert '"data": true' not in r.stdout, r.stdout
