@@ -35,8 +35,11 @@ test: deps-peers
 	cmake --build --preset asan
 	ctest --preset asan
 
-# Soak: every test, then each libFuzzer target for FUZZ_SECONDS (default 300 s here).
+# Soak: every test, 100 fleecing sessions under ASan, then each libFuzzer target for
+# FUZZ_SECONDS (default 300 s here).
 test-long: test
+	cd tests && FLEECE_ROUNDS=100 STRATA_BIN=$(CURDIR)/build-asan/strata \
+		/usr/bin/python3 -m pytest -q -p no:cacheprovider interop/test_fleecing_soak.py
 	cmake --preset fuzz
 	cmake --build --preset fuzz
 	FUZZ_SECONDS=$${FUZZ_SECONDS:-300} scripts/run-fuzzers
