@@ -88,6 +88,16 @@ RegionState BlockCopy::state_of(uint64_t offset) const {
   return copy_bitmap_->test(offset) ? RegionState::kNotStarted : RegionState::kDone;
 }
 
+bool BlockCopy::range_done(uint64_t offset, uint64_t bytes) const {
+  const uint64_t start = align_down(offset, cluster_size_);
+  const uint64_t end = std::min(align_up(offset + bytes, cluster_size_), length_);
+  std::optional<uint64_t> dirty = copy_bitmap_->next_dirty(start);
+  if (dirty && *dirty < end) {
+    return false;
+  }
+  return in_flight_.empty() || find_in_flight(start, end - start) == nullptr;
+}
+
 void BlockCopy::set_speed(uint64_t bytes_per_second) {
   rate_limit_.set_speed(bytes_per_second, job::RateLimit::kSliceNs);
   ++wake_generation_;

@@ -82,6 +82,9 @@ class BlockCopy {
   // Bytes not started plus bytes in flight (QEMU's dirty count + in_flight_bytes).
   uint64_t remaining_bytes() const;
   RegionState state_of(uint64_t offset) const;
+  // Whether every cluster overlapping [offset, offset + bytes) is done (nothing to copy or wait
+  // for): copy-before-write's fast path once a region has been copied.
+  bool range_done(uint64_t offset, uint64_t bytes) const;
   void set_progress(Progress progress) { progress_ = std::move(progress); }
   // Speed limit for calls that do not ignore it; 0 is unlimited. Wakes throttled calls.
   void set_speed(uint64_t bytes_per_second);

@@ -115,7 +115,9 @@ aio::Task<Result<void>> CbwNode::copy_before_write(uint64_t offset, uint64_t byt
   const uint64_t start = offset / cluster * cluster;
   const uint64_t end = std::min(length(), (offset + bytes + cluster - 1) / cluster * cluster);
   Result<void> copied = ok();
-  if (timeout_ns_ == 0) {
+  if (block_copy_->range_done(offset, bytes)) {
+    // Copied before (or never to be copied): no call, no coroutine, nothing to wait for.
+  } else if (timeout_ns_ == 0) {
     copied = co_await block_copy_->copy_range(offset, bytes);
   } else {
     copied = co_await copy_with_timeout(start, (offset + bytes + cluster - 1) / cluster * cluster);
@@ -129,7 +131,9 @@ aio::Task<Result<void>> CbwNode::copy_before_write(uint64_t offset, uint64_t byt
     snapshot_broken_ = true;  // the guest write goes on; the frozen view is lost
   }
   // Snapshot readers still reading the old data from `file` finish first.
-  co_await wait_frozen_reads(start, end - start);
+  if (!frozen_reads_.empty()) {
+    co_await wait_frozen_reads(start, end - start);
+  }
   co_return ok();
 }
 
