@@ -8,6 +8,7 @@
 #include "daemon/block_job_commands.h"
 #include "daemon/commit_command.h"
 #include "daemon/exports.h"
+#include "daemon/qom_commands.h"
 #include "daemon/stream_command.h"
 #include "daemon/transaction.h"
 
@@ -63,6 +64,7 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_job_commands();
   register_block_job_commands(*this);
   register_backup_command(*this);
+  register_qom_commands(*this);
   register_stream_command(*this);
   register_commit_command(*this);
   jobs_.set_event_sink(

@@ -60,6 +60,10 @@ class Daemon {
   bool has_iothread(const std::string& id) const { return iothreads_.count(id) != 0; }
   // tls-creds-x509/-psk and authz-simple/-list objects (daemon/crypto_objects.cc).
   const crypto::ObjectTable& crypto_objects() const { return crypto_objects_; }
+  // throttle-group objects (qom-get/qom-set reach their limits).
+  block::throttle::ThrottleGroups& throttle_groups() { return throttle_groups_; }
+  // Whether a user-created object (iothread, crypto, throttle group) has `id`.
+  bool object_id_taken(const std::string& id) const;
   // The event loop of iothread `id`, or nullptr.
   aio::EventLoop* iothread_loop(const std::string& id) const {
     auto it = iothreads_.find(id);
@@ -83,8 +87,6 @@ class Daemon {
  private:
   void register_commands();
   Result<void> add_crypto_object(const std::string& qom_type, const std::string& id, ArgDecoder& d);
-  // Whether a user-created object (iothread, crypto, throttle group) has `id`.
-  bool object_id_taken(const std::string& id) const;
   static Error duplicate_object(const std::string& id);
   void register_block_commands();
   void register_job_commands();

@@ -73,3 +73,37 @@ def test_filter_options_and_group_lifetime(daemon):
     assert q.err("object-del", {"id": "tg"})["desc"] == "object 'tg' not found"
     with open(raw, "rb") as f:
         assert f.read(256 << 10) == b"\x3e" * (256 << 10)
+
+
+def test_qom_get_and_set_limits(daemon):
+    d = daemon()
+    q = d.qmp
+    q.ok("object-add", {"qom-type": "throttle-group", "id": "tg",
+                        "limits": {"iops-total": 100, "bps-write": 5000, "bps-write-max": 6000,
+                                   "bps-write-max-length": 3}})
+    full = {"iops-total": 100, "iops-total-max": 0, "iops-total-max-length": 1,
+            "iops-read": 0, "iops-read-max": 0, "iops-read-max-length": 1,
+            "iops-write": 0, "iops-write-max": 0, "iops-write-max-length": 1,
+            "bps-total": 0, "bps-total-max": 0, "bps-total-max-length": 1,
+            "bps-read": 0, "bps-read-max": 0, "bps-read-max-length": 1,
+            "bps-write": 5000, "bps-write-max": 6000, "bps-write-max-length": 3,
+            "iops-size": 0}
+    assert q.ok("qom-get", {"path": "tg", "property": "limits"}) == full
+    assert q.ok("qom-get", {"path": "/objects/tg", "property": "limits"}) == full
+    assert q.ok("qom-get", {"path": "tg", "property": "x-iops-total"}) == 100
+    r = q.cmd_args("qom-get", {"path": "nosuch", "property": "limits"})
+    assert r["error"] == {"class": "DeviceNotFound", "desc": "Device 'nosuch' not found"}, r
+    assert q.err("qom-get", {"path": "tg", "property": "nope"})["desc"] \
+        == "Property 'throttle-group.nope' not found"
+    # qom-set merges the members given into the current limits.
+    q.ok("qom-set", {"path": "tg", "property": "limits", "value": {"iops-total": 50}})
+    full["iops-total"] = 50
+    assert q.ok("qom-get", {"path": "tg", "property": "limits"}) == full
+    assert q.err("qom-set", {"path": "tg", "property": "limits",
+                             "value": {"iops-total": 50, "iops-read": 3}})["desc"] \
+        == "bps/iops/max total values and read/write values cannot be used at the same time"
+    assert q.ok("qom-get", {"path": "tg", "property": "limits"}) == full
+    assert q.err("qom-set", {"path": "tg", "property": "x-iops-total", "value": 7})["desc"] \
+        == "Property cannot be set after initialization"
+    r = q.cmd_args("qom-set", {"path": "nosuch", "property": "limits", "value": {}})
+    assert r["error"]["class"] == "DeviceNotFound", r

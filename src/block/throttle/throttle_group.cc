@@ -78,6 +78,11 @@ uint64_t monotonic_ns() {
 
 Result<Limits> decode_limits(ArgDecoder& d, const std::string& prefix) {
   Limits limits;
+  decode_limits_into(d, prefix, limits);
+  return limits;
+}
+
+void decode_limits_into(ArgDecoder& d, const std::string& prefix, Limits& limits) {
   // QAPI's member order: iops-total, -max, -max-length, iops-read..., bps..., iops-size.
   for (const MemberNames& m : kMembers) {
     Bucket& b = limits.buckets[m.bucket];
@@ -100,7 +105,38 @@ Result<Limits> decode_limits(ArgDecoder& d, const std::string& prefix) {
   if (auto size = d.opt_i64(prefix + "iops-size")) {
     limits.op_size = static_cast<uint64_t>(*size);
   }
-  return limits;
+}
+
+nlohmann::json limits_json(const Limits& limits, const std::string& prefix) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const MemberNames& m : kMembers) {
+    const Bucket& b = limits.buckets[m.bucket];
+    const std::string base = prefix + m.name;
+    out[base] = static_cast<int64_t>(b.avg);
+    out[base + "-max"] = static_cast<int64_t>(b.max);
+    out[base + "-max-length"] = static_cast<int64_t>(b.burst_length);
+  }
+  out[prefix + "iops-size"] = static_cast<int64_t>(limits.op_size);
+  return out;
+}
+
+Result<void> ThrottleGroup::set_limits(ArgDecoder& d) {
+  Limits limits = state_.limits();
+  for (Bucket& b : limits.buckets) {
+    b.level = 0;
+    b.burst_level = 0;
+  }
+  decode_limits_into(d, "", limits);
+  auto finished = d.finish();
+  if (!finished) {
+    return finished;
+  }
+  auto valid = check_limits(limits);
+  if (!valid) {
+    return valid;
+  }
+  state_ = ThrottleState(limits);
+  return ok();
 }
 
 Result<void> check_limits(const Limits& limits) {

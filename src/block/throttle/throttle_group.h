@@ -23,6 +23,8 @@
 #include <optional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "aio/sync.h"
 #include "aio/task.h"
 #include "base/arg_decoder.h"
@@ -51,6 +53,10 @@ struct Limits {
 // Decodes a ThrottleLimits object (or the legacy x-* members of throttle-group, with `prefix`
 // "x-"), checks it as QEMU's throttle_is_valid does, and returns it.
 Result<Limits> decode_limits(ArgDecoder& d, const std::string& prefix);
+// Decodes only the members present into `limits` (qom-set merges into the current limits).
+void decode_limits_into(ArgDecoder& d, const std::string& prefix, Limits& limits);
+// Every member with its value (QEMU's qom-get of `limits`, or the x-* ones with prefix "x-").
+nlohmann::json limits_json(const Limits& limits, const std::string& prefix);
 Result<void> check_limits(const Limits& limits);
 
 // The buckets of one group and the arithmetic on them (deterministic; times in nanoseconds).
@@ -74,6 +80,10 @@ class ThrottleGroup {
   ThrottleGroup(std::string name, Limits limits) : name_(std::move(name)), state_(limits) {}
   const std::string& name() const { return name_; }
   const Limits& limits() const { return state_.limits(); }
+
+  // qom-set of `limits`: the members given replace the current ones; checked as at creation;
+  // the buckets start empty again.
+  Result<void> set_limits(ArgDecoder& d);
 
   // Waits until a request of `bytes` in `direction` may go, then accounts it. `bypass` is asked
   // again after every slice of waiting: true lets the request through at once (a drained node).
