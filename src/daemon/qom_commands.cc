@@ -42,6 +42,35 @@ Result<std::shared_ptr<block::throttle::ThrottleGroup>> resolve(Daemon& daemon,
   return device_not_found(path);
 }
 
+// What qom-get/qom-set name: the group and the property. With `value` (qom-set), also takes the
+// `value` member. Finishes `d`.
+struct QomTarget {
+  std::shared_ptr<block::throttle::ThrottleGroup> group;
+  std::string property;
+  const nlohmann::json* value = nullptr;
+};
+Result<QomTarget> decode_target(Daemon& daemon, ArgDecoder& d, bool with_value) {
+  QomTarget target;
+  std::string path = d.str("path");
+  target.property = d.str("property");
+  if (with_value) {
+    target.value = d.opt_any("value");
+    if (target.value == nullptr && !d.failed()) {
+      d.fail(make_error(ErrorKind::kInvalidArgument, "Parameter 'value' is missing"));
+    }
+  }
+  auto decoded = d.finish();
+  if (!decoded) {
+    return std::move(decoded).error();
+  }
+  auto group = resolve(daemon, path);
+  if (!group) {
+    return std::move(group).error();
+  }
+  target.group = std::move(group).value();
+  return target;
+}
+
 bool is_legacy_member(const std::string& property) {
   const nlohmann::json legacy = block::throttle::limits_json({}, "x-");
   return legacy.contains(property);
@@ -54,59 +83,43 @@ void register_qom_commands(Daemon& daemon) {
       "qom-get",
       [&daemon](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
         ArgDecoder d(args);
-        std::string path = d.str("path");
-        std::string property = d.str("property");
-        auto decoded = d.finish();
-        if (!decoded) {
-          co_return std::move(decoded).error();
+        auto target = decode_target(daemon, d, false);
+        if (!target) {
+          co_return std::move(target).error();
         }
-        auto group = resolve(daemon, path);
-        if (!group) {
-          co_return std::move(group).error();
+        if (target->property == "limits") {
+          co_return block::throttle::limits_json(target->group->limits(), "");
         }
-        if (property == "limits") {
-          co_return block::throttle::limits_json((*group)->limits(), "");
+        if (is_legacy_member(target->property)) {
+          co_return block::throttle::limits_json(target->group->limits(), "x-")[target->property];
         }
-        if (is_legacy_member(property)) {
-          co_return block::throttle::limits_json((*group)->limits(), "x-")[property];
-        }
-        co_return property_not_found("throttle-group", property);
+        co_return property_not_found("throttle-group", target->property);
       });
   daemon.command_table().add(
       "qom-set",
       [&daemon](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
         ArgDecoder d(args);
-        std::string path = d.str("path");
-        std::string property = d.str("property");
-        const nlohmann::json* value = d.opt_any("value");
-        if (value == nullptr && !d.failed()) {
-          d.fail(make_error(ErrorKind::kInvalidArgument, "Parameter 'value' is missing"));
+        auto target = decode_target(daemon, d, true);
+        if (!target) {
+          co_return std::move(target).error();
         }
-        auto decoded = d.finish();
-        if (!decoded) {
-          co_return std::move(decoded).error();
-        }
-        auto group = resolve(daemon, path);
-        if (!group) {
-          co_return std::move(group).error();
-        }
-        if (property == "limits") {
-          if (!value->is_object()) {
+        if (target->property == "limits") {
+          if (!target->value->is_object()) {
             co_return make_error(ErrorKind::kInvalidArgument,
                                  "Invalid parameter type for 'limits', expected: object");
           }
-          ArgDecoder limits(*value, "limits");
-          auto set = (*group)->set_limits(limits);
+          ArgDecoder limits(*target->value, "limits");
+          auto set = target->group->set_limits(limits);
           if (!set) {
             co_return std::move(set).error();
           }
           co_return nlohmann::json::object();
         }
-        if (is_legacy_member(property)) {
+        if (is_legacy_member(target->property)) {
           co_return make_error(ErrorKind::kInvalidArgument,
                                "Property cannot be set after initialization");
         }
-        co_return property_not_found("throttle-group", property);
+        co_return property_not_found("throttle-group", target->property);
       });
 }
 
