@@ -123,14 +123,7 @@ void ClientConnection::fail_all(const std::string& reason) {
 
 aio::Task<void> ClientConnection::disconnect() {
   if (!broken_) {
-    std::string header;
-    WireWriter w(header);
-    w.u32(kRequestMagic);
-    w.u16(0);
-    w.u16(kCmdDisc);
-    w.u64(next_cookie_++);
-    w.u64(0);
-    w.u32(0);
+    std::string header = request_header(0, kCmdDisc, next_cookie_++, 0, 0);
     {
       auto guard = co_await send_lock_.scoped_lock();
       iovec iov{header.data(), header.size()};
@@ -141,15 +134,26 @@ aio::Task<void> ClientConnection::disconnect() {
   }
 }
 
-aio::Task<Result<void>> ClientConnection::submit(Pending& pending, const block::IoVector* payload) {
+std::string ClientConnection::request_header(uint16_t flags, uint16_t type, uint64_t cookie,
+                                             uint64_t offset, uint64_t length) const {
   std::string header;
   WireWriter w(header);
-  w.u32(kRequestMagic);
-  w.u16(pending.flags);
-  w.u16(pending.type);
-  w.u64(pending.cookie);
-  w.u64(pending.offset);
-  w.u32(pending.length);
+  w.u32(info_.extended_headers ? kExtendedRequestMagic : kRequestMagic);
+  w.u16(flags);
+  w.u16(type);
+  w.u64(cookie);
+  w.u64(offset);
+  if (info_.extended_headers) {
+    w.u64(length);
+  } else {
+    w.u32(static_cast<uint32_t>(length));
+  }
+  return header;
+}
+
+aio::Task<Result<void>> ClientConnection::submit(Pending& pending, const block::IoVector* payload) {
+  std::string header =
+      request_header(pending.flags, pending.type, pending.cookie, pending.offset, pending.length);
   std::vector<iovec> iov;
   iov.push_back(iovec{header.data(), header.size()});
   if (payload != nullptr) {
@@ -291,11 +295,16 @@ aio::Task<Result<void>> ClientConnection::read_reply() {
   }
   WireReader reader(magic_bytes, sizeof(magic_bytes));
   uint32_t magic = reader.u32();
-  if (magic == kSimpleReplyMagic) {
+  if (info_.extended_headers) {
+    // With extended headers every reply is an extended chunk (proto.md).
+    if (magic == kExtendedReplyMagic) {
+      auto done = co_await read_extended_chunk();
+      co_return done;
+    }
+  } else if (magic == kSimpleReplyMagic) {
     auto done = co_await read_simple_reply();
     co_return done;
-  }
-  if (magic == kStructuredReplyMagic && info_.structured_replies) {
+  } else if (magic == kStructuredReplyMagic && info_.structured_replies) {
     auto done = co_await read_structured_chunk();
     co_return done;
   }
@@ -355,6 +364,39 @@ aio::Task<Result<void>> ClientConnection::read_structured_chunk() {
     co_return request_error(EIO, "Protocol error: server sent a reply chunk for unknown cookie " +
                                      std::to_string(cookie));
   }
+  auto done = co_await read_chunk(*pending, flags, type, length);
+  co_return done;
+}
+
+aio::Task<Result<void>> ClientConnection::read_extended_chunk() {
+  char bytes[28];
+  bool got = co_await transport_->read_exact(bytes, sizeof(bytes));
+  if (!got) {
+    co_return request_error(EIO, "the NBD server closed the connection");
+  }
+  WireReader reader(bytes, sizeof(bytes));
+  uint16_t flags = reader.u16();
+  uint16_t type = reader.u16();
+  uint64_t cookie = reader.u64();
+  (void)reader.u64();  // the request's offset, echoed
+  uint64_t length = reader.u64();
+  Pending* pending = find(cookie);
+  if (pending == nullptr) {
+    co_return request_error(EIO, "Protocol error: server sent a reply chunk for unknown cookie " +
+                                     std::to_string(cookie));
+  }
+  // No chunk is larger than the request's data plus its own overhead; nothing larger is read.
+  if (length > uint64_t{kMaxBufferSize} + kMaxChunkOverhead) {
+    co_return request_error(EIO, "Protocol error: invalid payload length " +
+                                     std::to_string(length) + " for an extended reply chunk");
+  }
+  auto done = co_await read_chunk(*pending, flags, type, static_cast<uint32_t>(length));
+  co_return done;
+}
+
+aio::Task<Result<void>> ClientConnection::read_chunk(Pending& pending_ref, uint16_t flags,
+                                                     uint16_t type, uint32_t length) {
+  Pending* pending = &pending_ref;
   Result<void> handled = ok();
   switch (type) {
     case kChunkNone:
@@ -372,7 +414,19 @@ aio::Task<Result<void>> ClientConnection::read_structured_chunk() {
       handled = co_await read_hole_chunk(*pending, length);
       break;
     case kChunkBlockStatus:
+      if (info_.extended_headers) {
+        co_return request_error(EIO,
+                                "Protocol error: server sent NBD_REPLY_TYPE_BLOCK_STATUS with "
+                                "extended headers");
+      }
       handled = co_await read_block_status_chunk(*pending, length);
+      break;
+    case kChunkBlockStatusExt:
+      if (!info_.extended_headers) {
+        co_return request_error(
+            EIO, "Protocol error: unexpected reply chunk type " + std::to_string(type));
+      }
+      handled = co_await read_block_status_ext_chunk(*pending, length);
       break;
     default:
       if ((type & (1u << 15)) == 0) {
@@ -447,20 +501,52 @@ aio::Task<Result<void>> ClientConnection::read_hole_chunk(Pending& pending, uint
   co_return ok();
 }
 
+Result<void> ClientConnection::check_block_status_chunk(const Pending& pending) const {
+  if (pending.type != kCmdBlockStatus) {
+    return request_error(EIO, "Protocol error: server sent a block status chunk to a " +
+                                  std::string(command_name(pending.type)) + " request");
+  }
+  if (pending.extent) {
+    return request_error(EIO,
+                         "Protocol error: server sent several block status chunks for the "
+                         "same context");
+  }
+  return ok();
+}
+
+aio::Task<Result<void>> ClientConnection::take_extent(Pending& pending, uint32_t context,
+                                                      uint64_t length, uint32_t flags,
+                                                      uint64_t rest) {
+  if (!info_.has_meta_context || context != info_.meta_context_id) {
+    co_return request_error(EIO, "Protocol error: server sent block status for context id " +
+                                     std::to_string(context) + ", which was not negotiated");
+  }
+  if (length == 0) {
+    co_return request_error(EIO, "Protocol error: server sent an extent of zero length");
+  }
+  // With NBD_CMD_FLAG_REQ_ONE the server may still send an extent longer than asked (proto.md
+  // allows it for the last extent); only the requested part counts. Further extents are
+  // dropped.
+  BlockStatusExtent extent;
+  extent.length = std::min<uint64_t>(length, pending.length);
+  extent.flags = flags;
+  bool got = co_await transport_->discard(rest);
+  if (!got) {
+    co_return request_error(EIO, "the NBD server closed the connection");
+  }
+  pending.extent = extent;
+  co_return ok();
+}
+
 aio::Task<Result<void>> ClientConnection::read_block_status_chunk(Pending& pending,
                                                                   uint32_t length) {
-  if (pending.type != kCmdBlockStatus) {
-    co_return request_error(EIO, "Protocol error: server sent a block status chunk to a " +
-                                     std::string(command_name(pending.type)) + " request");
+  Result<void> acceptable = check_block_status_chunk(pending);
+  if (!acceptable) {
+    co_return acceptable;
   }
   if (length < 12 || (length - 4) % 8 != 0 || length > 4 + 8 * kMaxBlockStatusExtents) {
     co_return request_error(EIO, "Protocol error: invalid payload length " +
                                      std::to_string(length) + " for NBD_REPLY_TYPE_BLOCK_STATUS");
-  }
-  if (pending.extent) {
-    co_return request_error(EIO,
-                            "Protocol error: server sent several block status chunks for "
-                            "the same context");
   }
   char bytes[12];
   bool got = co_await transport_->read_exact(bytes, sizeof(bytes));
@@ -469,26 +555,40 @@ aio::Task<Result<void>> ClientConnection::read_block_status_chunk(Pending& pendi
   }
   WireReader reader(bytes, sizeof(bytes));
   uint32_t context = reader.u32();
-  BlockStatusExtent extent;
-  extent.length = reader.u32();
-  extent.flags = reader.u32();
-  if (!info_.has_meta_context || context != info_.meta_context_id) {
-    co_return request_error(EIO, "Protocol error: server sent block status for context id " +
-                                     std::to_string(context) + ", which was not negotiated");
+  uint32_t extent_length = reader.u32();
+  uint32_t flags = reader.u32();
+  auto taken = co_await take_extent(pending, context, extent_length, flags, length - 12);
+  co_return taken;
+}
+
+aio::Task<Result<void>> ClientConnection::read_block_status_ext_chunk(Pending& pending,
+                                                                      uint32_t length) {
+  Result<void> acceptable = check_block_status_chunk(pending);
+  if (!acceptable) {
+    co_return acceptable;
   }
-  if (extent.length == 0) {
-    co_return request_error(EIO, "Protocol error: server sent an extent of zero length");
+  if (length < 24 || (length - 8) % 16 != 0 || length > 8 + 16 * kMaxBlockStatusExtents) {
+    co_return request_error(EIO, "Protocol error: invalid payload length " +
+                                     std::to_string(length) +
+                                     " for NBD_REPLY_TYPE_BLOCK_STATUS_EXT");
   }
-  // With NBD_CMD_FLAG_REQ_ONE the server may still send an extent longer than asked (proto.md
-  // allows it for the last extent); only the requested part counts. Further extents are
-  // dropped.
-  extent.length = std::min<uint64_t>(extent.length, pending.length);
-  got = co_await transport_->discard(length - 12);
+  char bytes[24];
+  bool got = co_await transport_->read_exact(bytes, sizeof(bytes));
   if (!got) {
     co_return request_error(EIO, "the NBD server closed the connection");
   }
-  pending.extent = extent;
-  co_return ok();
+  WireReader reader(bytes, sizeof(bytes));
+  uint32_t context = reader.u32();
+  uint32_t count = reader.u32();
+  uint64_t extent_length = reader.u64();
+  uint64_t flags = reader.u64();
+  if (count != (length - 8) / 16) {
+    co_return request_error(EIO, "Protocol error: extent count " + std::to_string(count) +
+                                     " does not match the chunk length " + std::to_string(length));
+  }
+  auto taken = co_await take_extent(pending, context, extent_length, static_cast<uint32_t>(flags),
+                                    length - 24);
+  co_return taken;
 }
 
 aio::Task<Result<void>> ClientConnection::read_error_chunk(Pending& pending, uint16_t type,

@@ -87,6 +87,21 @@ class ClientConnection {
   aio::Task<Result<void>> read_reply();
   aio::Task<Result<void>> read_simple_reply();
   aio::Task<Result<void>> read_structured_chunk();
+  // An extended reply chunk (after its magic): the same chunks with a 64-bit length, and
+  // NBD_REPLY_TYPE_BLOCK_STATUS_EXT for block status.
+  aio::Task<Result<void>> read_extended_chunk();
+  // Dispatches one chunk of either header form.
+  aio::Task<Result<void>> read_chunk(Pending& pending, uint16_t flags, uint16_t type,
+                                     uint32_t length);
+  aio::Task<Result<void>> read_block_status_ext_chunk(Pending& pending, uint32_t length);
+  // Whether `pending` may get a block status chunk now (a block status request, none yet).
+  Result<void> check_block_status_chunk(const Pending& pending) const;
+  // Records the first extent of a block status chunk and drops the `rest` of its payload.
+  aio::Task<Result<void>> take_extent(Pending& pending, uint32_t context, uint64_t length,
+                                      uint32_t flags, uint64_t rest);
+  // The request header in the negotiated form.
+  std::string request_header(uint16_t flags, uint16_t type, uint64_t cookie, uint64_t offset,
+                             uint64_t length) const;
   aio::Task<Result<void>> read_data_chunk(Pending& pending, uint32_t length);
   aio::Task<Result<void>> read_hole_chunk(Pending& pending, uint32_t length);
   aio::Task<Result<void>> read_block_status_chunk(Pending& pending, uint32_t length);

@@ -495,7 +495,19 @@ aio::Task<Result<ExportInfo>> client_handshake(Transport& transport,
     co_return std::move(greeted).error();
   }
   ExportInfo info;
-  auto structured = co_await handshake.request_structured_replies();
+  // Extended headers first (they imply structured replies), as QEMU 10's client asks.
+  Result<bool> structured = false;
+  if (request.extended_headers) {
+    auto extended = co_await handshake.request_extended_headers();
+    if (!extended) {
+      co_return std::move(extended).error();
+    }
+    info.extended_headers = *extended;
+    structured = *extended;
+  }
+  if (!*structured) {
+    structured = co_await handshake.request_structured_replies();
+  }
   if (!structured) {
     co_return std::move(structured).error();
   }

@@ -27,6 +27,9 @@ struct ClientHandshakeRequest {
   std::string export_name;
   // The meta context to select for BLOCK_STATUS, or nullopt for none.
   std::optional<std::string> meta_context = "base:allocation";
+  // Ask for NBD_OPT_EXTENDED_HEADERS (64-bit request and reply headers) before structured
+  // replies; a server that refuses gets structured replies asked for instead.
+  bool extended_headers = true;
 };
 
 // What the server granted for the selected export.
@@ -38,6 +41,7 @@ struct ExportInfo {
   uint32_t preferred_block = 0;
   uint32_t max_block = 0;
   bool structured_replies = false;
+  bool extended_headers = false;  // implies structured_replies
   // The server selected the requested meta context under this id.
   bool has_meta_context = false;
   uint32_t meta_context_id = 0;

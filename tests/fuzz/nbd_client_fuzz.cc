@@ -52,8 +52,34 @@ aio::Task<void> session(nbd::ClientConnection& connection, std::string& first, s
   co_await group.wait();
 }
 
+// One session over `input`: the handshake (asking for extended headers first or not), then the
+// four requests.
+void run_session(aio::EventLoop& loop, const std::string& input, bool extended_headers) {
+  nbd::MemoryTransport transport(input);
+  nbd::ClientHandshakeRequest request;
+  request.extended_headers = extended_headers;
+  auto info = loop.block_on(nbd::client_handshake(transport, request));
+  if (!info) {
+    return;
+  }
+  // The requests must fit the export as the node's request layer guarantees.
+  if (info->size < (1u << 20)) {
+    return;
+  }
+  nbd::ClientConnection connection(transport, *info);
+  std::string first(4096, '\0');
+  std::string second(4096, '\0');
+  int finished = 0;
+  loop.block_on(session(connection, first, second, finished));
+  if (finished != 4) {
+    __builtin_trap();  // a request was left waiting after the input ended
+  }
+}
+
 }  // namespace
 
+// The same input twice: as the server's side of a structured-reply session, and of one where
+// the client asks for extended headers first (64-bit headers, extended reply chunks).
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static std::unique_ptr<aio::EventLoop> loop = [] {
     auto created = aio::EventLoop::create(16);
@@ -62,22 +88,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!loop) {
     return 0;
   }
-  nbd::MemoryTransport transport(std::string(reinterpret_cast<const char*>(data), size));
-  auto info = loop->block_on(nbd::client_handshake(transport, nbd::ClientHandshakeRequest{}));
-  if (!info) {
-    return 0;
-  }
-  // The requests must fit the export as the node's request layer guarantees.
-  if (info->size < (1u << 20)) {
-    return 0;
-  }
-  nbd::ClientConnection connection(transport, *info);
-  std::string first(4096, '\0');
-  std::string second(4096, '\0');
-  int finished = 0;
-  loop->block_on(session(connection, first, second, finished));
-  if (finished != 4) {
-    __builtin_trap();  // a request was left waiting after the input ended
-  }
+  const std::string input(reinterpret_cast<const char*>(data), size);
+  run_session(*loop, input, false);
+  run_session(*loop, input, true);
   return 0;
 }

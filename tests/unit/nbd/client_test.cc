@@ -245,14 +245,24 @@ std::string option_reply(uint32_t option, uint32_t type, const std::string& data
   return out;
 }
 
-// A well-behaved server's side of the handshake for a 1 MiB writable export.
-std::string server_handshake() {
+// The scripted servers below answer structured replies only: the client must not ask for
+// extended headers first.
+ClientHandshakeRequest structured_only() {
+  ClientHandshakeRequest request;
+  request.extended_headers = false;
+  return request;
+}
+
+// A well-behaved server's side of the handshake for a 1 MiB writable export; with `extended`,
+// it grants extended headers (the client's first option) instead of structured replies.
+std::string server_handshake(bool extended = false) {
   std::string out;
   WireWriter w(out);
   w.u64(kInitMagic);
   w.u64(kOptMagic);
   w.u16(kFlagFixedNewstyle | kFlagNoZeroes);
-  out += option_reply(kOptStructuredReply, kRepAck, "");
+  out += extended ? option_reply(kOptExtendedHeaders, kRepAck, "")
+                  : option_reply(kOptStructuredReply, kRepAck, "");
   std::string context;
   WireWriter(context).u32(kContextId);
   context += "base:allocation";
@@ -280,6 +290,20 @@ std::string chunk(uint16_t flags, uint16_t type, uint64_t cookie, const std::str
   return out;
 }
 
+std::string extended_chunk(uint16_t flags, uint16_t type, uint64_t cookie, uint64_t offset,
+                           const std::string& payload, uint64_t length_field = UINT64_MAX) {
+  std::string out;
+  WireWriter w(out);
+  w.u32(kExtendedReplyMagic);
+  w.u16(flags);
+  w.u16(type);
+  w.u64(cookie);
+  w.u64(offset);
+  w.u64(length_field != UINT64_MAX ? length_field : payload.size());
+  w.bytes(payload);
+  return out;
+}
+
 std::string data_payload(uint64_t offset, const std::string& data) {
   std::string out;
   WireWriter(out).u64(offset);
@@ -293,10 +317,14 @@ class ScriptedServerTest : public ::testing::Test {
     ASSERT_TRUE(created.ok());
     loop_ = std::move(created).value();
   }
-  // Runs one READ of `length` bytes at `offset` (cookie 1) against `replies`.
-  Result<void> read(const std::string& replies, uint64_t offset, std::string& buffer) {
-    MemoryTransport transport(server_handshake() + replies);
-    auto info = loop_->block_on(client_handshake(transport, ClientHandshakeRequest{}));
+  // Runs one READ of `length` bytes at `offset` (cookie 1) against `replies`, after a handshake
+  // with extended headers or structured replies.
+  Result<void> read(const std::string& replies, uint64_t offset, std::string& buffer,
+                    bool extended = false) {
+    MemoryTransport transport(server_handshake(extended) + replies);
+    ClientHandshakeRequest handshake = structured_only();
+    handshake.extended_headers = extended;
+    auto info = loop_->block_on(client_handshake(transport, handshake));
     EXPECT_TRUE(info.ok()) << info.error().message();
     if (!info) {
       return std::move(info).error();
@@ -428,7 +456,7 @@ TEST(ClientHandshakeTest, BadBlockSizesAreRefused) {
   s.u32(1 << 20);
   bytes += option_reply(kOptGo, kRepInfo, sizes);
   MemoryTransport transport(bytes);
-  auto info = (*created)->block_on(client_handshake(transport, ClientHandshakeRequest{}));
+  auto info = (*created)->block_on(client_handshake(transport, structured_only()));
   ASSERT_FALSE(info.ok());
   EXPECT_EQ(info.error().message(), "server minimum block size 3 is not a power of two");
 }
@@ -466,7 +494,7 @@ TEST(ClientHandshakeTest, HugeOptionReplyIsRefusedBeforeReading) {
   w.u32(kRepAck);
   w.u32(0xffffffffu);
   MemoryTransport transport(bytes);
-  auto info = (*created)->block_on(client_handshake(transport, ClientHandshakeRequest{}));
+  auto info = (*created)->block_on(client_handshake(transport, structured_only()));
   ASSERT_FALSE(info.ok());
   EXPECT_NE(info.error().message().find("is too long (4294967295 bytes)"), std::string::npos)
       << info.error().message();
@@ -501,6 +529,44 @@ TEST(ClientHandshakeTest, StartTlsRefusalsNameTheReason) {
             "Option 5 ('starttls') response length is 2 (it should be zero)");
   // A reply to another option is a protocol error, not a TLS session.
   EXPECT_FALSE(starttls_refusal(option_reply(kOptGo, kRepAck, "")).empty());
+}
+
+TEST_F(ScriptedServerTest, ExtendedChunksFillTheBuffer) {
+  std::string buffer(8, 'x');
+  std::string hole;
+  WireWriter h(hole);
+  h.u64(4);
+  h.u32(4);
+  auto done = read(extended_chunk(0, kChunkOffsetData, 1, 0, data_payload(0, "ABCD")) +
+                       extended_chunk(kReplyFlagDone, kChunkOffsetHole, 1, 0, hole),
+                   0, buffer, /*extended=*/true);
+  ASSERT_TRUE(done.ok()) << done.error().message();
+  EXPECT_EQ(buffer, std::string("ABCD\0\0\0\0", 8));
+}
+
+TEST_F(ScriptedServerTest, ExtendedChunkLengthIsCheckedBeforeReading) {
+  std::string buffer(8, 'x');
+  auto done = read(extended_chunk(kReplyFlagDone, kChunkOffsetData, 1, 0, "", 1ull << 40), 0,
+                   buffer, /*extended=*/true);
+  ASSERT_FALSE(done.ok());
+  EXPECT_TRUE(broken_);
+  EXPECT_NE(failure_.find("invalid payload length 1099511627776"), std::string::npos) << failure_;
+}
+
+TEST_F(ScriptedServerTest, StructuredReplyAfterExtendedHeadersIsAProtocolError) {
+  std::string buffer(8, 'x');
+  auto done = read(chunk(kReplyFlagDone, kChunkOffsetData, 1, data_payload(0, "ABCDEFGH")), 0,
+                   buffer, /*extended=*/true);
+  ASSERT_FALSE(done.ok());
+  EXPECT_TRUE(broken_);
+  EXPECT_NE(failure_.find("invalid reply magic"), std::string::npos) << failure_;
+}
+
+TEST_F(ClientAgainstServerTest, ExtendedHeadersAreNegotiatedAndCarryEveryCommand) {
+  auto info = connect();
+  ASSERT_TRUE(info.ok()) << info.error().message();
+  EXPECT_TRUE(info->extended_headers);
+  EXPECT_TRUE(info->structured_replies);
 }
 
 }  // namespace
