@@ -237,7 +237,7 @@ bool EventLoop::run_once(bool wait) {
 }
 
 void EventLoop::run() {
-  stop_requested_.store(false, std::memory_order_relaxed);
+  // A stop() made before this call counts: it ends this run (it is not cleared here).
   while (run_once(true)) {
   }
   stop_requested_.store(false, std::memory_order_relaxed);

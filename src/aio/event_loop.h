@@ -91,7 +91,8 @@ class EventLoop {
   // The loop that is running on the calling thread, or nullptr.
   static EventLoop* current();
 
-  // Runs the loop until stop() is called. Returns with any requests still in flight; their
+  // Runs the loop until stop() is called (a stop() made before run() starts ends it at once;
+  // each run uses up the stop that ended it). Returns with any requests still in flight; their
   // frames stay suspended until they are resumed by a later run or destroyed by their owners.
   void run();
   // Runs the loop until `task` finishes and returns its value.

@@ -30,10 +30,9 @@ IoThread::IoThread(std::string id, std::unique_ptr<aio::EventLoop> loop)
 }
 
 IoThread::~IoThread() {
-  // Stop from inside the loop: EventLoop::run() clears an earlier stop request when it starts,
-  // so a stop() made before the thread got there (an iothread deleted right after it was
-  // created) would be lost and the join would hang.
-  loop_->post([loop = loop_.get()] { loop->stop(); });
+  // A stop() made before the thread reached run() (an iothread deleted right after it was
+  // created) still ends that run.
+  loop_->stop();
   thread_.join();
 }
 

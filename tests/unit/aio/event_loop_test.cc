@@ -3,7 +3,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -110,6 +113,41 @@ TEST(EventLoopTest, PostFromAnotherThreadWakesLoop) {
   loop->run();
   other.join();
   EXPECT_EQ(value, 42);
+}
+
+// A stop() made before run() starts (another thread asking a loop that is only about to run)
+// is not lost: run() returns at once. A watchdog stops the loop if it does not, and the test
+// fails when the watchdog had to.
+TEST(EventLoopTest, StopBeforeRunIsNotLost) {
+  auto loop = make_loop();
+  loop->stop();
+  std::mutex mutex;
+  std::condition_variable returned_cv;
+  bool returned = false;
+  bool watchdog_fired = false;
+  std::thread watchdog([&] {
+    std::unique_lock lock(mutex);
+    if (!returned_cv.wait_for(lock, std::chrono::seconds(10), [&] { return returned; })) {
+      watchdog_fired = true;
+      loop->stop();
+    }
+  });
+  loop->run();
+  {
+    std::lock_guard lock(mutex);
+    returned = true;
+  }
+  returned_cv.notify_all();
+  watchdog.join();
+  EXPECT_FALSE(watchdog_fired) << "run() ignored the stop() made before it";
+  // The request is used up: a later run() runs until a new stop().
+  int value = 0;
+  loop->post([&] {
+    value = 1;
+    loop->stop();
+  });
+  loop->run();
+  EXPECT_EQ(value, 1);
 }
 
 // A frame whose completion was already taken off the completion ring (by another frame's
