@@ -2,6 +2,7 @@
 
 #include "base/arg_decoder.h"
 #include "block/commit/commit_job.h"
+#include "block/mirror/mirror_job.h"
 #include "daemon/block_job_commands.h"
 #include "daemon/daemon.h"
 
@@ -104,13 +105,29 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
       return generic(top_bs == bs ? "'backing-file' specified, but 'top' is the active layer"
                                   : "'backing-file' specified, but 'top' has a writer on it");
     }
-    return make_error(ErrorKind::kUnsupported,
-                      "Committing the active layer is not supported by strata (use an "
-                      "intermediate 'top-node')");
+    // QEMU's commit_active_start: a mirror of the top into the base, completed by job-complete.
+    block::mirror::MirrorOptions options;
+    options.job_id = job_id.value_or(device);
+    options.source = top_bs->shared_from_this();
+    options.target = base_bs->shared_from_this();
+    options.sync = block::mirror::SyncMode::kFull;
+    options.on_source_error = *block::job::parse_on_error(on_error);
+    options.on_target_error = options.on_source_error;
+    options.filter_node_name = filter_node_name;
+    options.is_commit = true;
+    options.flags.auto_finalize = auto_finalize;
+    options.flags.auto_dismiss = auto_dismiss;
+    auto started =
+        start_block_job(daemon, block::mirror::create_mirror_job(graph, std::move(options)), speed);
+    if (!started) {
+      return std::move(started).error();
+    }
+    return nlohmann::json::object();
   }
   if (filter_node_name) {
     return make_error(ErrorKind::kUnsupported,
-                      "filter-node-name is not supported by strata's block-commit");
+                      "filter-node-name is not supported by strata's block-commit of an "
+                      "intermediate layer");
   }
   block::Node* overlay = overlay_of(*top_bs);
   if (overlay == nullptr) {

@@ -1,7 +1,8 @@
 #pragma once
-// block-commit (QEMU's qmp_block_commit) for an intermediate top: QEMU's argument checks and
-// messages, then a commit job (block/commit/commit_job.h). Committing the active layer (top is
-// the device, or has a writer) is refused: that mirror-based job is not built.
+// block-commit (QEMU's qmp_block_commit): QEMU's argument checks and messages, then a commit job
+// for an intermediate top (block/commit/commit_job.h), or, when the top is the active layer (the
+// device, or a node with a writer), a mirror of the top into the base that becomes READY and
+// pivots at job-complete (block/mirror/mirror_job.h, QEMU's commit_active_start).
 
 namespace strata::daemon {
 

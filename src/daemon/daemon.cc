@@ -8,6 +8,7 @@
 #include "daemon/block_job_commands.h"
 #include "daemon/commit_command.h"
 #include "daemon/exports.h"
+#include "daemon/mirror_command.h"
 #include "daemon/qom_commands.h"
 #include "daemon/stream_command.h"
 #include "daemon/transaction.h"
@@ -66,6 +67,7 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_qom_commands(*this);
   register_stream_command(*this);
   register_commit_command(*this);
+  register_mirror_command(*this);
   jobs_.set_event_sink(
       [this](std::string name, nlohmann::json data) { monitors_.emit_event(name, data); });
   exports_ = std::make_unique<ExportManager>(*this);

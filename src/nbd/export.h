@@ -54,8 +54,10 @@ class Export : public block::BlockParent {
   const std::string& id() const { return id_; }
   const ExportConfig& config() const { return config_; }
   const std::string& name() const { return config_.name; }
-  block::Node& node() const { return *node_; }
-  uint64_t size() const { return node_->length(); }
+  // The node the export serves: the root edge's, which follows graph changes (a mirror's pivot
+  // moves it to the mirror's target).
+  block::Node& node() const { return root_ ? *root_->node() : *node_; }
+  uint64_t size() const { return node().length(); }
   // Transmission flags before per-connection additions (DF, BLOCK_STAT_PAYLOAD).
   uint16_t flags() const;
   std::string parent_description() const override { return "block export '" + id_ + "'"; }

@@ -27,6 +27,7 @@ class BackupJob : public job::BlockJob, public BlockParent {
   ~BackupJob() override { release(); }
 
   std::string parent_description() const override { return "backup job '" + id() + "'"; }
+  bool stays_at_node() const override { return true; }
 
   Result<void> attach() {
     const uint64_t source_perm =

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "aio/event_loop.h"
+#include "block/commit/writable_base.h"
 #include "block/io/request.h"
 
 namespace strata::block::commit {
@@ -24,12 +25,11 @@ class CommitJob : public job::BlockJob, public BlockParent {
   ~CommitJob() override { release(); }
 
   std::string parent_description() const override { return "commit job '" + id() + "'"; }
+  bool stays_at_node() const override { return true; }
 
   Result<void> attach() {
     // QEMU's commit_start: "convert base to r/w, if necessary".
-    if (options_.base->is_read_only()) {
-      make_base_writable();
-    }
+    writable_base_.acquire(graph_, *options_.base);
     // The top is read; the base is written (and may be resized); others may go on reading
     // both.
     auto top = graph_.attach_root(*this, options_.top, "top", kRoleData, kPermConsistentRead,
@@ -137,26 +137,6 @@ class CommitJob : public job::BlockJob, public BlockParent {
     co_return graph_.replace_child(backing, options_.base);
   }
 
-  // The base, and the storage children below it that are read-only only by inheritance
-  // (auto-read-only), become writable for the job; release() turns them back.
-  void make_base_writable() {
-    std::vector<Node*> nodes{options_.base.get()};
-    for (const auto& child : options_.base->children()) {
-      Node& below = *child->node();
-      if ((child->role() & kRoleCow) == 0 && below.is_read_only() &&
-          below.common_options().auto_read_only) {
-        nodes.push_back(&below);
-      }
-    }
-    for (Node* node : nodes) {
-      CommonOptions writable = node->common_options();
-      writable.read_only = false;
-      node->set_common_options(writable);
-      made_writable_.push_back(node->shared_from_this());
-    }
-    (void)graph_.refresh_perms(nodes);
-  }
-
   void release() {
     if (base_root_) {
       graph_.detach_root(std::move(base_root_));
@@ -164,24 +144,14 @@ class CommitJob : public job::BlockJob, public BlockParent {
     if (top_root_) {
       graph_.detach_root(std::move(top_root_));
     }
-    if (!made_writable_.empty()) {
-      std::vector<Node*> nodes;
-      for (const auto& node : made_writable_) {
-        CommonOptions read_only = node->common_options();
-        read_only.read_only = true;
-        node->set_common_options(read_only);
-        nodes.push_back(node.get());
-      }
-      made_writable_.clear();
-      (void)graph_.refresh_perms(nodes);  // the file descriptors go back to read-only
-    }
+    writable_base_.restore(graph_);  // the file descriptors go back to read-only
   }
 
   Graph& graph_;
   CommitOptions options_;
   std::unique_ptr<Child> top_root_;
   std::unique_ptr<Child> base_root_;
-  std::vector<std::shared_ptr<Node>> made_writable_;
+  WritableBase writable_base_;
 };
 
 }  // namespace

@@ -6,7 +6,8 @@
 // opened read-only with auto-read-only is reopened read-write for the job and read-only again
 // afterwards (dynamic read-only). A base shorter than `top` is grown first.
 //
-// Committing the active layer (QEMU's commit_active_start, a mirror) is not built.
+// Committing the active layer (QEMU's commit_active_start) is a mirror job: see
+// block/mirror/mirror_job.h.
 
 #include <cstdint>
 #include <memory>

@@ -339,6 +339,50 @@ Result<void> Graph::replace_child(Child* child, std::shared_ptr<Node> new_node) 
   return ok();
 }
 
+Result<void> Graph::replace_node(Node& from, const std::shared_ptr<Node>& to) {
+  std::vector<Child*> moved;
+  for (Child* edge : from.parents()) {
+    if (edge->parent()->stays_at_node()) {
+      continue;
+    }
+    if (Node* parent = edge->parent_node(); parent != nullptr && reaches(*to, *parent)) {
+      continue;
+    }
+    moved.push_back(edge);
+  }
+  if (moved.empty()) {
+    return ok();
+  }
+  std::shared_ptr<Node> keep = moved.front()->node_ref();
+  auto move_edges = [&moved](Node& old_node, const std::shared_ptr<Node>& new_node) {
+    auto& old_parents = old_node.parents_;
+    for (Child* edge : moved) {
+      old_parents.erase(std::remove(old_parents.begin(), old_parents.end(), edge),
+                        old_parents.end());
+      edge->node_ = new_node;
+      new_node->parents_.push_back(edge);
+    }
+  };
+  move_edges(from, to);
+  std::vector<Node*> roots;
+  for (Child* edge : moved) {
+    if (edge->parent_node() != nullptr) {
+      roots.push_back(edge->parent_node());
+    }
+  }
+  roots.push_back(to.get());
+  roots.push_back(&from);
+  Transaction tx;
+  auto result = refresh_perms_in(roots, tx);
+  if (!result) {
+    tx.abort();
+    move_edges(*to, keep);
+    return result;
+  }
+  tx.commit();
+  return ok();
+}
+
 Result<std::unique_ptr<Child>> Graph::attach_root(BlockParent& user, std::shared_ptr<Node> node,
                                                   std::string name, uint32_t role, uint64_t perm,
                                                   uint64_t shared) {

@@ -82,6 +82,11 @@ class Graph {
   void detach_child(Child* child);
   // Replaces the node an existing edge points at (reopen with another file/backing).
   Result<void> replace_child(Child* child, std::shared_ptr<Node> new_node);
+  // QEMU's bdrv_replace_node: every parent edge of `from` now points at `to`, except edges whose
+  // parent stays at its node (jobs) and edges whose parent node `to` reaches (moving them would
+  // make a cycle; this includes `to` itself when it is a filter above `from`). Permissions are
+  // refreshed as one transaction; on failure nothing changes.
+  Result<void> replace_node(Node& from, const std::shared_ptr<Node>& to);
   // Attaches a root user (export, job, device) with explicit permissions.
   Result<std::unique_ptr<Child>> attach_root(BlockParent& user, std::shared_ptr<Node> node,
                                              std::string name, uint32_t role, uint64_t perm,

@@ -50,6 +50,10 @@ class BlockParent {
   // Describes the parent in permission errors: "node 'disk'", "an unnamed block device",
   // "block device 'drive0'", "stream job 'job0'".
   virtual std::string parent_description() const = 0;
+  // Whether an edge of this parent stays where it is when its node is replaced by another in the
+  // graph (QEMU's stay_at_node: block jobs keep the nodes they work on; exports and nodes
+  // follow the replacement).
+  virtual bool stays_at_node() const { return false; }
 };
 
 class Child {

@@ -34,7 +34,7 @@ class BlockJob : public Job {
   uint64_t speed() const { return speed_; }
   void set_speed(uint64_t speed) override;
   // query-block-jobs entry (BlockJobInfo).
-  nlohmann::json block_info() const;
+  virtual nlohmann::json block_info() const;
 
   // QEMU's block_job_error_action: the action `policy` takes for `error` (an errno), with the
   // BLOCK_JOB_ERROR event; `stop` pauses the job as a user pause and sets io-status.

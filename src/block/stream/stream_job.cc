@@ -30,6 +30,7 @@ class StreamJob : public job::BlockJob, public BlockParent {
   ~StreamJob() override { release(); }
 
   std::string parent_description() const override { return "stream job '" + id() + "'"; }
+  bool stays_at_node() const override { return true; }
 
   Result<void> attach() {
     auto root =
