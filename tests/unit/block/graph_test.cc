@@ -415,6 +415,60 @@ TEST_F(GraphTest, EdgesThatWouldCreateACycleAreRefused) {
   EXPECT_EQ((*n)->parents().size(), 1u);
 }
 
+// ---- replacing a node ---------------------------------------------------------------------------
+
+// A job's edge: it stays at its node when the node is replaced (QEMU's stay_at_node).
+class StayingUser : public TestUser {
+ public:
+  using TestUser::TestUser;
+  bool stays_at_node() const override { return true; }
+};
+
+TEST_F(GraphTest, ReplaceNodeMovesUsersButNotJobsNorTheReplacementsOwnEdge) {
+  // A filter inserted above `n` the way a mirror job does it: the filter's own edge to `n`
+  // stays (moving it would be a cycle), the export moves onto the filter, the job stays.
+  auto n = add(null_co("n"));
+  auto filter = add({{"driver", "raw"}, {"node-name", "filter"}, {"file", "n"}});
+  ASSERT_TRUE(n && filter);
+  StayingUser job("mirror job 'j'");
+  auto exported = attach(user_a_, *n, kRead | kWrite, kAll & ~kResize);
+  auto job_edge = attach(job, *n, 0, kAll & ~kResize);
+  ASSERT_TRUE(exported && job_edge);
+
+  ASSERT_TRUE(graph_.replace_node(**n, *filter));
+  EXPECT_EQ((*exported)->node(), filter->get());
+  EXPECT_EQ((*job_edge)->node(), n->get());
+  EXPECT_EQ((*filter)->child("file")->node(), n->get());
+  // The filter passes the export's permissions down to `n`.
+  EXPECT_EQ((*filter)->child("file")->perm() & kWrite, kWrite);
+
+  // And back: the export returns to `n`; the filter keeps its child.
+  ASSERT_TRUE(graph_.replace_node(**filter, *n));
+  EXPECT_EQ((*exported)->node(), n->get());
+  EXPECT_TRUE((*filter)->parents().empty());
+}
+
+TEST_F(GraphTest, ReplaceNodeConflictChangesNothing) {
+  auto a = add(null_co("a"));
+  auto b = add(null_co("b"));
+  auto parent = add({{"driver", "raw"}, {"node-name", "p"}, {"file", "a"}});
+  ASSERT_TRUE(a && b && parent);
+  auto writer = attach(user_a_, *parent, kRead | kWrite, kAll);
+  auto exclusive = attach(user_b_, *b, kRead, kRead);  // unshares write on b
+  ASSERT_TRUE(writer && exclusive);
+
+  auto replaced = graph_.replace_node(**a, *b);
+  ASSERT_FALSE(replaced);
+  EXPECT_EQ(replaced.error().message(),
+            "Permission conflict on node 'b': permissions 'write' are both required by node 'p' "
+            "(uses node 'b' as 'file' child) and unshared by block device 'b' (uses node 'b' as "
+            "'root' child).");
+  EXPECT_EQ((*parent)->child("file")->node(), a->get());
+  EXPECT_EQ((*a)->parents().size(), 1u);
+  EXPECT_EQ((*b)->parents().size(), 1u);
+  EXPECT_EQ((*parent)->child("file")->perm() & kWrite, kWrite);
+}
+
 // ---- activation ---------------------------------------------------------------------------------
 
 TEST_F(GraphTest, InactiveChildOfActiveParentIsRefused) {
