@@ -1,6 +1,8 @@
 #include "daemon/stream_command.h"
 
 #include "base/arg_decoder.h"
+#include "block/drivers/blockdev_options.h"
+#include "block/drivers/driver.h"
 #include "block/stream/stream_job.h"
 #include "daemon/block_job_commands.h"
 #include "daemon/daemon.h"
@@ -11,6 +13,18 @@ namespace {
 
 Error generic(std::string message) {
   return make_error(ErrorKind::kInvalidArgument, std::move(message));
+}
+
+// Opens a node from blockdev-add options that no monitor owns (a job's filter).
+Result<std::shared_ptr<block::Node>> open_internal_node(block::Graph& graph,
+                                                        const nlohmann::json& options) {
+  ArgDecoder d(options);
+  auto parsed = block::parse_blockdev_options(d, options);
+  auto decoded = d.finish();
+  if (!decoded) {
+    return std::move(decoded).error();
+  }
+  return block::open_blockdev(graph, *parsed);
 }
 
 Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) {
@@ -80,11 +94,21 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
   if (base_bs == nullptr && backing_file) {
     return generic("backing file specified, but streaming the entire chain");
   }
+  // QEMU's stream_start: a copy-on-read filter above the top for the job's duration, copying
+  // only what lies above the base.
+  nlohmann::json filter_options = {{"driver", "copy-on-read"}, {"file", top->name()}};
+  for (block::Node* n = top; n != nullptr && base_bs != nullptr; n = block::filter_or_cow(*n)) {
+    if (block::filter_or_cow(*n) == base_bs) {
+      filter_options["bottom"] = n->name();
+      break;
+    }
+  }
   if (filter_node_name) {
-    // strata streams through copy-on-read requests of the top node; no filter node is inserted
-    // that could carry the name.
-    return make_error(ErrorKind::kUnsupported,
-                      "filter-node-name is not supported by strata's block-stream");
+    filter_options["node-name"] = *filter_node_name;
+  }
+  auto filter = open_internal_node(graph, filter_options);
+  if (!filter) {
+    return std::move(filter).error();
   }
 
   block::stream::StreamOptions options;
@@ -96,6 +120,7 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
   options.on_error = *block::job::parse_on_error(on_error);
   options.flags.auto_finalize = auto_finalize;
   options.flags.auto_dismiss = auto_dismiss;
+  options.filter = std::move(filter).value();
   auto started =
       start_block_job(daemon, block::stream::create_stream_job(graph, std::move(options)), speed);
   if (!started) {

@@ -165,6 +165,35 @@ def test_pause_resume_and_cancel(daemon):
     assert nodes["top"]["backing_file"] == mid
 
 
+def test_filter_node_name_puts_a_copy_on_read_filter_above_the_top(daemon):
+    # QEMU's stream_start: a copy-on-read filter above the top while the job runs; the guest's
+    # export goes through it, so guest reads copy into the top too. It goes when the job ends.
+    d = daemon()
+    base, mid, top, _ = make_chain(d)
+    add_chain(d.qmp, base, mid, top)
+    uri = start_nbd(d, "top")
+    r, _ = run_cmd(d.qmp, "block-stream", {"job-id": "s0", "device": "top", "speed": 64 * 1024,
+                                           "filter-node-name": "cor0"})
+    assert r == {"return": {}}, r
+    nodes = {n["node-name"]: n for n in d.qmp.ok("query-named-block-nodes")}
+    assert nodes["cor0"]["drv"] == "copy-on-read", nodes["cor0"]
+    assert [e["node-name"] for e in d.qmp.ok("query-block-exports")] == ["cor0"]
+    qio("-f", "raw", "-c", "read -P 0x12 5M 1M", uri)
+    d.qmp.ok("block-job-cancel", {"device": "s0"})
+    collect_until(d.qmp, "null")
+    assert "cor0" not in {n["node-name"] for n in d.qmp.ok("query-named-block-nodes")}
+    assert [e["node-name"] for e in d.qmp.ok("query-block-exports")] == ["top"]
+    d.qmp.ok("block-export-del", {"id": "exp-top"})
+    d.qmp.ok("blockdev-del", {"node-name": "top"})
+    d.qmp.ok("blockdev-del", {"node-name": "mid"})
+    d.qmp.ok("blockdev-del", {"node-name": "base"})
+    check_clean(top)
+    r = subprocess.run(["qemu-img", "map", "--output=json", top], capture_output=True, text=True,
+                       timeout=60)
+    here = [e for e in json.loads(r.stdout) if e["depth"] == 0 and e["data"]]
+    assert any(e["start"] <= 5 * MiB and e["start"] + e["length"] >= 6 * MiB for e in here), here
+
+
 @pytest.mark.parametrize("args,needle", [
     ({"base": "x", "base-node": "base"}, "'base' and 'base-node' cannot be specified"),
     ({"bottom": "mid", "base-node": "base"}, "'bottom' and 'base-node' cannot be specified"),

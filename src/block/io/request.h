@@ -98,6 +98,11 @@ aio::Task<void> drain(Node& node);
 void drain_begin(Node& node);
 void drain_end(Node& node);
 
+// Drops `node` once no request is in flight in it. For a filter taken out of the graph while guest
+// requests may still be inside it (they go on to the node below through its child edge): the
+// node stays alive, checked again on each turn of the current loop, until they have finished.
+void release_when_idle(std::shared_ptr<Node> node);
+
 // Write notifiers of `node` (see request_tracker.h).
 RequestTracker::NotifierId add_write_notifier(Node& node, WriteNotifier notifier);
 void remove_write_notifier(Node& node, RequestTracker::NotifierId id);

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "aio/event_loop.h"
 #include "block/drivers/blkdebug/events.h"
 #include "block/io/request.h"
 #include "block/io/request_internal.h"
@@ -318,6 +319,14 @@ void drain_end(Node& node) {
 
 RequestTracker::NotifierId add_write_notifier(Node& node, WriteNotifier notifier) {
   return node.requests().add_write_notifier(std::move(notifier));
+}
+
+void release_when_idle(std::shared_ptr<Node> node) {
+  aio::EventLoop* loop = aio::EventLoop::current();
+  if (!node || node->requests().in_flight() == 0 || loop == nullptr) {
+    return;
+  }
+  loop->post([node = std::move(node)]() mutable { release_when_idle(std::move(node)); });
 }
 
 void remove_write_notifier(Node& node, RequestTracker::NotifierId id) {

@@ -54,17 +54,6 @@ aio::Task<Result<ZeroRun>> chain_zero_run(Node& top, uint64_t offset, uint64_t b
   co_return ZeroRun{true, want};
 }
 
-// A node that may still have requests in flight (the filter after the job: guest requests that
-// waited for the final drain enter it afterwards and go on to the node below) is kept until it
-// has none; then it is destroyed, which detaches its child.
-void release_when_idle(std::shared_ptr<Node> node) {
-  aio::EventLoop* loop = aio::EventLoop::current();
-  if (!node || node->requests().in_flight() == 0 || loop == nullptr) {
-    return;
-  }
-  loop->post([node = std::move(node)]() mutable { release_when_idle(std::move(node)); });
-}
-
 class MirrorJob : public job::BlockJob, public BlockParent, private MirrorCore::Listener {
  public:
   MirrorJob(Graph& graph, MirrorOptions options)
@@ -80,7 +69,7 @@ class MirrorJob : public job::BlockJob, public BlockParent, private MirrorCore::
     if (core_) {
       core_->set_listener(nullptr);
     }
-    release_when_idle(std::move(filter_));
+    io::release_when_idle(std::move(filter_));
   }
 
   std::string parent_description() const override { return type() + " job '" + id() + "'"; }

@@ -40,6 +40,14 @@ class StreamJob : public job::BlockJob, public BlockParent {
       return std::move(root).error();
     }
     root_ = std::move(root).value();
+    if (options_.filter) {
+      auto inserted = graph_.replace_node(*options_.top, options_.filter);
+      if (!inserted) {
+        release();
+        return inserted;
+      }
+      filter_inserted_ = true;
+    }
     return ok();
   }
 
@@ -181,6 +189,12 @@ class StreamJob : public job::BlockJob, public BlockParent {
   }
 
   void release() {
+    if (filter_inserted_) {
+      filter_inserted_ = false;
+      ignore_error(graph_.replace_node(*options_.filter, options_.top),
+                   "the users of the top return to it");
+    }
+    io::release_when_idle(std::move(options_.filter));
     if (root_) {
       graph_.detach_root(std::move(root_));
     }
@@ -189,6 +203,7 @@ class StreamJob : public job::BlockJob, public BlockParent {
   Graph& graph_;
   StreamOptions options_;
   std::unique_ptr<Child> root_;
+  bool filter_inserted_ = false;
 };
 
 }  // namespace

@@ -28,10 +28,14 @@ struct StreamOptions {
   bool backing_mask_protocol = false;  // record "raw" rather than a protocol driver name
   job::OnError on_error = job::OnError::kReport;
   job::Job::Flags flags;
+  // A copy-on-read node opened on `top` and not used yet (QEMU's stream filter, named by
+  // filter-node-name): while the job runs, every user of `top` goes through it, so guest reads
+  // copy too; the users go back to `top` when the job ends. nullptr: no filter.
+  std::shared_ptr<Node> filter;
 };
 
 // Builds the job with its root edge on `top` (consistent read and unchanged writes) after the
-// permission checks; neither registered nor started.
+// permission checks, and inserts the filter; neither registered nor started.
 Result<std::unique_ptr<job::BlockJob>> create_stream_job(Graph& graph, StreamOptions options);
 
 }  // namespace strata::block::stream
