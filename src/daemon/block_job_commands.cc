@@ -119,6 +119,26 @@ void register_block_job_commands(Daemon& daemon) {
   });
 }
 
+bool is_root_node(const block::Node& node) {
+  for (const block::Child* parent : node.parents()) {
+    if (parent->parent_node() != nullptr || parent->parent()->stays_at_node()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+Result<void> check_not_in_block_job(const block::Node& node) {
+  for (const block::Child* parent : node.parents()) {
+    if (const auto* job = dynamic_cast<const BlockJob*>(parent->parent()); job != nullptr) {
+      return make_error(ErrorKind::kBusy,
+                        "Node '" + node.name() +
+                            "' is busy: block device is in use by block job: " + job->type());
+    }
+  }
+  return ok();
+}
+
 Result<void> start_block_job(Daemon& daemon, Result<std::unique_ptr<block::job::BlockJob>> built,
                              std::optional<int64_t> speed) {
   if (!built) {

@@ -48,6 +48,12 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
   if (bs == nullptr) {
     return make_error(ErrorKind::kNotFound, "Device '" + device + "' not found");
   }
+  if (!is_root_node(*bs)) {
+    return generic("Need a root block node");
+  }
+  if (auto free = check_not_in_block_job(*bs); !free) {
+    return std::move(free).error();
+  }
   if (top_node && top) {
     return generic("'top-node' and 'top' are mutually exclusive");
   }

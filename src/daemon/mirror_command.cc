@@ -27,16 +27,6 @@ Error not_found(const std::string& name) {
                     "Cannot find device='" + name + "' nor node-name='" + name + "'");
 }
 
-// QEMU's bdrv_is_root_node: only users outside the graph (exports), no parent node and no job.
-bool is_root_node(const block::Node& node) {
-  for (const block::Child* parent : node.parents()) {
-    if (parent->parent_node() != nullptr || parent->parent()->stays_at_node()) {
-      return false;
-    }
-  }
-  return true;
-}
-
 // QEMU's bdrv_recurse_can_replace: `to_replace` is `source` or a node it filters.
 bool can_replace(const block::Node& source, const block::Node& to_replace) {
   for (const block::Node* n = &source; n != nullptr;) {
@@ -82,6 +72,9 @@ Result<nlohmann::json> blockdev_mirror(Daemon& daemon, const nlohmann::json& arg
   block::Node* target_bs = graph.find(target);
   if (target_bs == nullptr) {
     return not_found(target);
+  }
+  if (auto free = check_not_in_block_job(*target_bs); !free) {
+    return std::move(free).error();
   }
   if (granularity && *granularity != 0 &&
       (*granularity < 512 || *granularity > (int64_t{64} << 20))) {

@@ -94,14 +94,21 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
   if (base_bs == nullptr && backing_file) {
     return generic("backing file specified, but streaming the entire chain");
   }
+  if (auto free = check_not_in_block_job(*top); !free) {
+    return std::move(free).error();
+  }
   // QEMU's stream_start: a copy-on-read filter above the top for the job's duration, copying
   // only what lies above the base.
-  nlohmann::json filter_options = {{"driver", "copy-on-read"}, {"file", top->name()}};
+  block::Node* above_base = nullptr;
   for (block::Node* n = top; n != nullptr && base_bs != nullptr; n = block::filter_or_cow(*n)) {
     if (block::filter_or_cow(*n) == base_bs) {
-      filter_options["bottom"] = n->name();
+      above_base = n;
       break;
     }
+  }
+  nlohmann::json filter_options = {{"driver", "copy-on-read"}, {"file", top->name()}};
+  if (above_base != nullptr) {
+    filter_options["bottom"] = above_base->name();
   }
   if (filter_node_name) {
     filter_options["node-name"] = *filter_node_name;
@@ -114,7 +121,7 @@ Result<nlohmann::json> block_stream(Daemon& daemon, const nlohmann::json& args) 
   block::stream::StreamOptions options;
   options.job_id = job_id.value_or("");
   options.top = top->shared_from_this();
-  options.base = base_bs != nullptr ? base_bs->shared_from_this() : nullptr;
+  options.above_base = above_base != nullptr ? above_base->shared_from_this() : nullptr;
   options.backing_file = backing_file;
   options.backing_mask_protocol = backing_mask_protocol;
   options.on_error = *block::job::parse_on_error(on_error);

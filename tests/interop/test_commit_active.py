@@ -6,6 +6,7 @@ auto-read-only: it is reopened read-write for the job and stays so after the piv
 cancelled commit leaves it read-only again.
 """
 
+from helpers import delete_export_after_clients_left
 from test_backup_jobs import compare, qio, run_cmd, start_nbd, through
 from test_commit import add_chain_ro_base
 from test_mirror import mirror_until_ready, nodes
@@ -47,7 +48,7 @@ def test_active_commit_ready_complete_pivots_to_base(daemon):
     assert exported != "top" and nodes(q)[exported]["file"] == base, exported
     assert not any(n["ro"] for n in base_file_nodes(q, base))
     qio("-f", "raw", "-c", "write -P 0x62 0 64k", "-c", "read -P 0x61 3M 1M", uri)
-    q.ok("block-export-del", {"id": "exp-top"})
+    assert "return" in delete_export_after_clients_left(q, "exp-top")
     q.ok("blockdev-del", {"node-name": "top"})
     check_clean(base)
     qio("-f", "raw", "-c", "write -P 0x61 3M 1M", "-c", "write -P 0x62 0 64k", expected)

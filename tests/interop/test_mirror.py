@@ -15,6 +15,7 @@ import pytest
 from test_backup_jobs import (MiB, SIZE, add_qcow2, blkdebug_target, collect_until, compare,
                               img, make_raw, make_source, qio, run_cmd, start_nbd, summary,
                               through)
+from helpers import delete_export_after_clients_left
 from test_stream import check_clean
 
 
@@ -92,7 +93,7 @@ def complete(q, job):
 
 def delete_all(q, export=True):
     if export:
-        q.ok("block-export-del", {"id": "exp-src"})
+        assert "return" in delete_export_after_clients_left(q, "exp-src")
     q.ok("blockdev-del", {"node-name": "tgt"})
     q.ok("blockdev-del", {"node-name": "src"})
 
@@ -359,9 +360,9 @@ def test_mirror_to_an_nbd_target_on_a_second_daemon(daemon):
     through(q, before, "null")
     # The guest's export now writes to the other host.
     qio("-f", "raw", "-c", "write -P 0x43 0 64k", uri)
-    q.ok("block-export-del", {"id": "exp-src"})
+    assert "return" in delete_export_after_clients_left(q, "exp-src")
     q.ok("blockdev-del", {"node-name": "remote"})
-    there.qmp.ok("block-export-del", {"id": "in"})
+    assert "return" in delete_export_after_clients_left(there.qmp, "in")
     there.qmp.ok("blockdev-del", {"node-name": "dest"})
     check_clean(dest)
     r = compare(dest, expected_raw(here, [(0x42, 1536 << 10, 512 << 10), (0x43, 0, 64 << 10)]))

@@ -149,8 +149,8 @@ class StreamJob : public job::BlockJob, public BlockParent {
     piece.bytes = std::min(piece.bytes, std::max<uint64_t>(own->bytes, 1));
     Child* backing = top.backing_child();
     if (!own->allocated_here() && backing != nullptr) {
-      Result<io::Allocation> above = co_await io::is_allocated_above(
-          *backing->node(), options_.base.get(), offset, piece.bytes);
+      Result<io::Allocation> above =
+          co_await io::is_allocated_above(*backing->node(), base(), offset, piece.bytes);
       if (!above) {
         co_return above.error();
       }
@@ -160,16 +160,28 @@ class StreamJob : public job::BlockJob, public BlockParent {
     co_return piece;
   }
 
-  // QEMU's stream_prepare: the new backing file name and format in the image, then the graph.
+  // The base as it is now (nullptr: none).
+  Node* base() const { return options_.above_base ? filter_or_cow(*options_.above_base) : nullptr; }
+
+  // QEMU's stream_prepare: the new backing file name and format in the image (the base's, past
+  // any filter above it), then the graph.
   aio::Task<Result<void>> change_backing() {
     Node& top = *options_.top;
+    Node* new_base = base();
     std::string name;
     std::string format;
-    if (options_.base) {
-      Node& base = *options_.base;
-      name = options_.backing_file.value_or(base.filename());
-      format = base.format_name();
-      if (options_.backing_mask_protocol && base.primary_child() == nullptr) {
+    if (new_base != nullptr) {
+      Node* unfiltered = new_base;
+      while (unfiltered->is_filter() && unfiltered->primary_child() != nullptr) {
+        unfiltered = unfiltered->primary_child()->node();
+      }
+      // The image's own file name: the node's name may be a json: description meanwhile (its
+      // backing link is overridden while another job in the chain changes it).
+      Child* file = unfiltered->primary_child();
+      name = options_.backing_file.value_or(file != nullptr ? file->node()->filename()
+                                                            : unfiltered->filename());
+      format = unfiltered->format_name();
+      if (options_.backing_mask_protocol && unfiltered->primary_child() == nullptr) {
         format = "raw";  // a protocol node: record the data as a raw image
       }
     }
@@ -177,15 +189,17 @@ class StreamJob : public job::BlockJob, public BlockParent {
     if (!changed) {
       co_return changed;
     }
+    // Looked up again: a filter above the base may have gone while the header was written.
+    new_base = base();
     Child* backing = top.backing_child();
     if (backing == nullptr) {
       co_return ok();
     }
-    if (!options_.base) {
+    if (new_base == nullptr) {
       graph_.detach_child(backing);
       co_return ok();
     }
-    co_return graph_.replace_child(backing, options_.base);
+    co_return graph_.replace_child(backing, new_base->shared_from_this());
   }
 
   void release() {

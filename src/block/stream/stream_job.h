@@ -22,7 +22,10 @@ namespace strata::block::stream {
 struct StreamOptions {
   std::string job_id;
   std::shared_ptr<Node> top;
-  std::shared_ptr<Node> base;  // nullptr: stream the whole chain
+  // The node whose backing file is the base (QEMU's above_base), nullptr to stream the whole
+  // chain. The base is what lies below it when the job looks: another job's filter above the
+  // base may come and go meanwhile.
+  std::shared_ptr<Node> above_base;
   // The backing file name recorded in `top` afterwards (default: base's filename).
   std::optional<std::string> backing_file;
   bool backing_mask_protocol = false;  // record "raw" rather than a protocol driver name

@@ -42,8 +42,7 @@ Result<std::shared_ptr<Node>> CorNode::open(OpenContext& context, const Blockdev
                                                          "' is not in the backing chain of '" +
                                                          (*file)->node()->name() + "'");
     }
-    Child* below = bottom->backing_child();
-    node->base_ = below != nullptr ? below->node() : nullptr;
+    node->bottom_ = bottom->shared_from_this();
     node->has_bottom_ = true;
   }
   node->limits_ = (*file)->node()->limits();
@@ -64,12 +63,14 @@ aio::Task<Result<void>> CorNode::co_preadv(uint64_t offset, uint64_t bytes, IoVe
     co_return co_await io::preadv(file(), offset, std::move(qiov), kRequestCopyOnRead);
   }
   // QEMU's cor_co_preadv_part: copy only what lies above the base.
+  std::shared_ptr<Node> bottom = bottom_.lock();
+  const Node* base = bottom ? filter_or_cow(*bottom) : nullptr;
   for (uint64_t done = 0; done < bytes;) {
     Child* backing = file().backing_child();
     io::Allocation above{false, bytes - done};
     if (backing != nullptr) {
       Result<io::Allocation> found =
-          co_await io::is_allocated_above(*backing->node(), base_, offset + done, bytes - done);
+          co_await io::is_allocated_above(*backing->node(), base, offset + done, bytes - done);
       if (!found) {
         co_return found.error();
       }

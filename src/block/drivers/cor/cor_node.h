@@ -42,8 +42,9 @@ class CorNode final : public Node {
  private:
   Node& file() const { return *children().front()->node(); }
 
-  // The node below `bottom` (nullptr: copy from the whole chain).
-  Node* base_ = nullptr;
+  // `bottom`, when given: what lies below it (found at each read, since the chain below may
+  // change while the filter exists) is read but not copied.
+  std::weak_ptr<Node> bottom_;
   bool has_bottom_ = false;
 };
 
