@@ -130,11 +130,6 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
     }
     return nlohmann::json::object();
   }
-  if (filter_node_name) {
-    return make_error(ErrorKind::kUnsupported,
-                      "filter-node-name is not supported by strata's block-commit of an "
-                      "intermediate layer");
-  }
   block::Node* overlay = overlay_of(*top_bs);
   if (overlay == nullptr) {
     return generic("Cannot find the image that uses '" + top_bs->name() + "' as backing file");
@@ -148,6 +143,7 @@ Result<nlohmann::json> block_commit(Daemon& daemon, const nlohmann::json& args) 
   options.backing_file = backing_file;
   options.backing_mask_protocol = backing_mask_protocol;
   options.on_error = *block::job::parse_on_error(on_error);
+  options.filter_node_name = filter_node_name;
   options.flags.auto_finalize = auto_finalize;
   options.flags.auto_dismiss = auto_dismiss;
   auto started =

@@ -143,3 +143,30 @@ def test_qcow2_reopened_read_write_takes_writes(daemon):
     d.qmp.ok("blockdev-del", {"node-name": "f"})
     check_clean(path)
     qio("-f", "qcow2", "-c", "read -P 0x52 2M 1M", "-c", "read -P 0x51 0 1M", path)
+
+
+def test_commit_top_filter_sits_above_top_while_the_job_runs(daemon):
+    # QEMU's commit_start: a commit_top filter above `top` (named by filter-node-name); the
+    # overlay reads through it until the job ends.
+    d = daemon()
+    q = d.qmp
+    base, mid, top, expected = make_chain(d)
+    q.ok("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                          "file": {"driver": "file", "filename": top}})
+    r, before = run_cmd(q, "block-commit", {"job-id": "c0", "device": "top", "top": mid,
+                                            "speed": 1024, "filter-node-name": "ctop"})
+    assert r == {"return": {}}, r
+    nodes = {n["node-name"]: n for n in q.ok("query-named-block-nodes")}
+    assert (nodes["ctop"]["drv"], nodes["ctop"]["file"]) == ("commit_top", mid), nodes["ctop"]
+    assert nodes["top"]["backing_file"] == mid, nodes["top"]
+    q.ok("block-job-set-speed", {"device": "c0", "speed": 0})
+    events = through(q, before, "null")
+    completed = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_COMPLETED"]
+    assert completed and "error" not in completed[0], events
+    nodes = {n["node-name"]: n for n in q.ok("query-named-block-nodes")}
+    assert "ctop" not in nodes and nodes["top"]["backing_file"] == base
+    q.ok("blockdev-del", {"node-name": "top"})
+    check_clean(top)
+    check_clean(base)
+    r = compare(top, expected)
+    assert r.returncode == 0, r.stdout + r.stderr

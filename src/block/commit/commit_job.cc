@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "aio/event_loop.h"
+#include "block/commit/commit_top_node.h"
 #include "block/commit/writable_base.h"
 #include "block/io/request.h"
 
@@ -46,7 +47,7 @@ class CommitJob : public job::BlockJob, public BlockParent {
       return std::move(base).error();
     }
     base_root_ = std::move(base).value();
-    return ok();
+    return insert_filter();
   }
 
  protected:
@@ -131,13 +132,44 @@ class CommitJob : public job::BlockJob, public BlockParent {
       co_return changed;
     }
     Child* backing = overlay.backing_child();
-    if (backing == nullptr || backing->node() != options_.top.get()) {
+    if (backing == nullptr ||
+        (backing->node() != options_.top.get() && backing->node() != filter_.get())) {
       co_return ok();  // the graph changed meanwhile; the image names the base already
     }
     co_return graph_.replace_child(backing, options_.base);
   }
 
+  // QEMU's commit_start: the commit_top filter above the top; the overlay reads through it.
+  Result<void> insert_filter() {
+    CommonOptions common;
+    common.node_name = options_.filter_node_name.value_or("");
+    auto filter = std::make_shared<CommitTopNode>(common);
+    if (auto registered = graph_.register_node(*filter); !registered) {
+      release();
+      return registered;
+    }
+    auto child =
+        graph_.attach_child(*filter, options_.top, "backing", kRoleFiltered | kRolePrimary);
+    if (!child) {
+      release();
+      return std::move(child).error();
+    }
+    filter->inherit_limits();
+    filter_ = filter;
+    if (auto moved = graph_.replace_node(*options_.top, filter_); !moved) {
+      release();
+      return moved;
+    }
+    filter_inserted_ = true;
+    return ok();
+  }
+
   void release() {
+    if (filter_inserted_) {
+      filter_inserted_ = false;
+      ignore_error(graph_.replace_node(*filter_, options_.top), "the overlay returns to the top");
+    }
+    io::release_when_idle(std::move(filter_));
     if (base_root_) {
       graph_.detach_root(std::move(base_root_));
     }
@@ -152,6 +184,8 @@ class CommitJob : public job::BlockJob, public BlockParent {
   std::unique_ptr<Child> top_root_;
   std::unique_ptr<Child> base_root_;
   WritableBase writable_base_;
+  std::shared_ptr<Node> filter_;
+  bool filter_inserted_ = false;
 };
 
 }  // namespace

@@ -27,6 +27,8 @@ struct CommitOptions {
   std::optional<std::string> backing_file;  // recorded in the overlay (default base's filename)
   bool backing_mask_protocol = false;
   job::OnError on_error = job::OnError::kReport;
+  // The name of the commit_top filter above `top` while the job runs (default: generated).
+  std::optional<std::string> filter_node_name;
   job::Job::Flags flags;
 };
 
