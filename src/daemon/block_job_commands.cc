@@ -4,6 +4,9 @@
 
 #include "daemon/block_job_commands.h"
 
+#include <array>
+#include <string_view>
+
 #include "base/arg_decoder.h"
 #include "block/job/block_job.h"
 #include "daemon/daemon.h"
@@ -101,6 +104,29 @@ void register_block_job_commands(Daemon& daemon) {
                            "The block job for device '" + device + "' is currently paused");
     }
     co_return empty_or_error(jobs.user_cancel(**job, force));
+  });
+
+  commands.add("block-job-change", [&jobs](const nlohmann::json& args, qmp::Monitor&) -> Reply {
+    static constexpr std::array<std::string_view, 9> kJobTypes = {
+        "commit", "stream",        "mirror",        "backup",         "create",
+        "amend",  "snapshot-load", "snapshot-save", "snapshot-delete"};
+    static constexpr std::array<std::string_view, 2> kCopyModes = {"background", "write-blocking"};
+    ArgDecoder d(args);
+    std::string id = d.str("id");
+    std::string type = d.enumeration("type", kJobTypes);
+    block::job::JobChange change;
+    if (type == "mirror") {
+      change.copy_mode = d.enumeration("copy-mode", kCopyModes);
+    }
+    auto decoded = d.finish();
+    if (!decoded) {
+      co_return std::move(decoded).error();
+    }
+    auto job = find_block_job(jobs, id);
+    if (!job) {
+      co_return std::move(job).error();
+    }
+    co_return empty_or_error(jobs.change(**job, change));
   });
 
   commands.add("block-job-set-speed", [&jobs](const nlohmann::json& args, qmp::Monitor&) -> Reply {

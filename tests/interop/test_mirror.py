@@ -222,6 +222,36 @@ def test_write_blocking_mode_is_actively_synced(daemon):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_block_job_change_switches_to_write_blocking(daemon):
+    d = daemon()
+    q = d.qmp
+    src, tgt, uri = source_and_target(d)
+    mirror_until_ready(q, {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"})
+    change = {"id": "m", "type": "mirror"}
+    for args, desc in [
+            ({"copy-mode": "background"}, None),
+            ({"copy-mode": "write-blocking"}, None),
+            ({"copy-mode": "background"}, "Change to copy mode 'background' is not implemented"),
+            ({"type": "stream"}, "Change to copy mode 'background' is not implemented"),
+            ({}, "Parameter 'copy-mode' is missing")]:
+        r = q.cmd_args("block-job-change", dict(change, **args))
+        assert r == ({"return": {}} if desc is None else
+                     {"error": {"class": "GenericError", "desc": desc}}), (args, r)
+    r = q.cmd_args("block-job-change", {"id": "nope", "type": "mirror",
+                                        "copy-mode": "write-blocking"})
+    assert r == {"error": {"class": "DeviceNotActive", "desc": "Block job 'nope' not found"}}, r
+    qio("-f", "raw", "-c", "write -P 0x2d 64k 128k", uri)
+    deadline = time.monotonic() + 10
+    while not q.ok("query-block-jobs")[0]["actively-synced"]:
+        assert time.monotonic() < deadline, q.ok("query-block-jobs")
+        time.sleep(0.05)
+    complete(q, "m")
+    delete_all(q)
+    check_clean(tgt)
+    r = compare(tgt, expected_raw(d, [(0x2d, 64 << 10, 128 << 10)]))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,desc", [

@@ -151,6 +151,9 @@ def test_pause_resume_and_cancel(daemon):
     add_chain(d.qmp, base, mid, top)
     r, _ = run_cmd(d.qmp, "block-stream", {"job-id": "s0", "device": "top", "speed": 64 * 1024})
     assert r == {"return": {}}, r
+    r = d.qmp.cmd_args("block-job-change", {"id": "s0", "type": "stream"})
+    assert r == {"error": {"class": "GenericError",
+                           "desc": "Job type does not support change"}}, r
     d.qmp.ok("block-job-pause", {"device": "s0"})
     collect_until(d.qmp, "paused")
     jobs = d.qmp.ok("query-block-jobs")

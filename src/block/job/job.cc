@@ -430,6 +430,19 @@ void JobManager::resume(Job& job) {
   }
 }
 
+Result<void> Job::change(const JobChange& options) {
+  (void)options;
+  return make_error(ErrorKind::kInvalidArgument, "Job type does not support change");
+}
+
+Result<void> JobManager::change(Job& job, const JobChange& options) {
+  auto allowed = apply_verb(job, JobVerb::kChange);
+  if (!allowed) {
+    return allowed;
+  }
+  return job.change(options);
+}
+
 Result<void> JobManager::user_pause(Job& job) {
   auto allowed = apply_verb(job, JobVerb::kPause);
   if (!allowed) {

@@ -63,6 +63,13 @@ bool id_wellformed(std::string_view id);
 class JobManager;
 class Job;
 
+// block-job-change's options (QAPI BlockJobChangeOptions): what a job may change while it runs.
+struct JobChange {
+  // Mirror: the new copy mode ("background" when the command named another job type, as
+  // QEMU reads its zeroed union member).
+  std::string copy_mode = "background";
+};
+
 // Jobs that complete together (QEMU's JobTxn). Create one with JobManager::new_txn() and pass it
 // to every JobManager::create() of the group.
 struct JobTxn {
@@ -108,6 +115,9 @@ class Job {
   // block-job-set-speed / the speed argument: `speed` is >= 0 (the manager checked the verb and
   // the sign). Jobs without a speed limit keep the default.
   virtual void set_speed(uint64_t speed) { (void)speed; }
+  // block-job-change, after the verb check (QEMU's JobDriver.change). Jobs without options to
+  // change keep the default: QEMU's "Job type does not support change".
+  virtual Result<void> change(const JobChange& options);
 
  protected:
   // ---- what a concrete job implements ----
@@ -237,6 +247,8 @@ class JobManager {
   // block-job-set-speed: the set-speed verb check, then "Parameter 'speed' expects a non-negative
   // value" when negative.
   Result<void> set_speed(Job& job, int64_t speed);
+  // block-job-change: the change verb check, then the job's change().
+  Result<void> change(Job& job, const JobChange& options);
 
   // Daemon shutdown: force-cancels every job and waits until their coroutines have finished and
   // they are concluded (jobs that need job-dismiss are dismissed).

@@ -187,6 +187,22 @@ class MirrorJob : public job::BlockJob, public BlockParent, private MirrorCore::
     core_->set_listener(nullptr);
   }
 
+  // QEMU's mirror_change: only background -> write-blocking.
+  Result<void> change(const job::JobChange& options) override {
+    const CopyMode wanted =
+        options.copy_mode == "write-blocking" ? CopyMode::kWriteBlocking : CopyMode::kBackground;
+    if (wanted == core_->copy_mode()) {
+      return ok();
+    }
+    if (wanted != CopyMode::kWriteBlocking) {
+      return make_error(ErrorKind::kInvalidArgument,
+                        "Change to copy mode '" + options.copy_mode + "' is not implemented");
+    }
+    core_->set_copy_mode(wanted);
+    kick();  // actively synced as soon as nothing is dirty
+    return ok();
+  }
+
   bool supports_complete() const override { return true; }
   Result<void> complete() override {
     should_complete_ = true;
