@@ -10,6 +10,7 @@
 #include "daemon/exports.h"
 #include "daemon/mirror_command.h"
 #include "daemon/qom_commands.h"
+#include "daemon/run_state.h"
 #include "daemon/stream_command.h"
 #include "daemon/transaction.h"
 
@@ -68,6 +69,7 @@ Daemon::Daemon(aio::EventLoop& main_loop)
   register_stream_command(*this);
   register_commit_command(*this);
   register_mirror_command(*this);
+  register_run_state_commands(*this);
   jobs_.set_event_sink(
       [this](std::string name, nlohmann::json data) { monitors_.emit_event(name, data); });
   exports_ = std::make_unique<ExportManager>(*this);
@@ -84,13 +86,23 @@ nlohmann::json Daemon::version_info() {
 
 Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
   ArgDecoder d(options, "", keyval);
-  static constexpr std::array<std::string_view, 6> kTypes = {"iothread",      "tls-creds-x509",
-                                                             "tls-creds-psk", "authz-simple",
-                                                             "authz-list",    "throttle-group"};
+  static constexpr std::array<std::string_view, 9> kTypes = {
+      "iothread",           "tls-creds-x509",       "tls-creds-psk",
+      "authz-simple",       "authz-list",           "throttle-group",
+      "memory-backend-ram", "memory-backend-memfd", "memory-backend-file"};
   std::string type = d.enumeration("qom-type", kTypes);
   std::string id = d.str("id");
   if (crypto::ObjectTable::handles(type)) {
     return add_crypto_object(type, id, d);
+  }
+  if (MemoryBackends::handles(type)) {
+    if (d.failed()) {
+      return d.finish();
+    }
+    if (object_id_taken(id)) {
+      return duplicate_object(id);
+    }
+    return memory_backends_.add(type, id, d);
   }
   if (type == "throttle-group") {
     if (d.failed()) {
@@ -122,7 +134,8 @@ Result<void> Daemon::object_add(const nlohmann::json& options, bool keyval) {
 }
 
 bool Daemon::object_id_taken(const std::string& id) const {
-  return iothreads_.count(id) != 0 || crypto_objects_.contains(id) || throttle_groups_.contains(id);
+  return iothreads_.count(id) != 0 || crypto_objects_.contains(id) ||
+         throttle_groups_.contains(id) || memory_backends_.contains(id);
 }
 
 Error Daemon::duplicate_object(const std::string& id) {
@@ -136,6 +149,9 @@ Result<void> Daemon::object_del(const std::string& id) {
   }
   if (throttle_groups_.contains(id)) {
     return throttle_groups_.remove(id);
+  }
+  if (memory_backends_.remove(id)) {
+    return ok();
   }
   auto it = iothreads_.find(id);
   if (it == iothreads_.end()) {
@@ -197,6 +213,16 @@ void Daemon::register_commands() {
           co_return std::move(added).error();
         }
         co_return nlohmann::json::object();
+      });
+  commands_.add(
+      "query-memdev",
+      [this](const nlohmann::json& args, qmp::Monitor&) -> aio::Task<Result<nlohmann::json>> {
+        ArgDecoder d(args);
+        auto decoded = d.finish();
+        if (!decoded) {
+          co_return std::move(decoded).error();
+        }
+        co_return memory_backends_.info();
       });
   commands_.add(
       "object-del",

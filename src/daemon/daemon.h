@@ -17,6 +17,7 @@
 #include "block/job/job.h"
 #include "block/throttle/throttle_group.h"
 #include "crypto/object_table.h"
+#include "daemon/memory_backends.h"
 #include "qmp/command_table.h"
 #include "qmp/monitor.h"
 
@@ -76,6 +77,16 @@ class Daemon {
   Result<void> object_add(const nlohmann::json& options, bool keyval);
   Result<void> object_del(const std::string& id);
 
+  // The run state query-status reports ("running", "paused", ...; daemon/run_state.h).
+  const std::string& run_status() const { return run_status_; }
+  void set_run_status(std::string status) { run_status_ = std::move(status); }
+  // Sends a QMP event to every monitor.
+  void emit_event(std::string_view name, const nlohmann::json& data = nullptr) {
+    monitors_.emit_event(name, data);
+  }
+  // memory-backend-* objects (daemon/memory_backends.h).
+  const MemoryBackends& memory_backends() const { return memory_backends_; }
+
   // The query-version value.
   static nlohmann::json version_info();
 
@@ -100,6 +111,8 @@ class Daemon {
   std::map<std::string, std::unique_ptr<IoThread>> iothreads_;
   crypto::ObjectTable crypto_objects_;
   block::throttle::ThrottleGroups throttle_groups_;
+  MemoryBackends memory_backends_;
+  std::string run_status_ = "running";
   // Deleted by object-del while an export still used them; stopped when the daemon exits.
   std::vector<std::unique_ptr<IoThread>> retired_iothreads_;
   // After graph_ and monitors_: exports hold root edges and emit events.
