@@ -6,8 +6,7 @@
 #   make test-long  make test, then a long fuzzing soak
 #   make bench      benchmarks side by side with QEMU's tools and fio (scripts/run-benchmarks,
 #                   scripts/bench-img, scripts/bench-convert, scripts/bench-nbd,
-#                   scripts/bench-fleece, scripts/bench-stream, scripts/bench-mirror,
-#                   scripts/bench-http-stream)
+#                   scripts/bench-fleece, scripts/bench-stream, scripts/bench-mirror)
 #   make fuzz       libFuzzer targets (clang), each run briefly
 #   make format     rewrite the tree with clang-format
 
@@ -55,7 +54,6 @@ bench: deps-peers
 	scripts/bench-fleece
 	scripts/bench-stream
 	scripts/bench-mirror
-	scripts/bench-http-stream
 
 fuzz: deps
 	cmake --preset fuzz

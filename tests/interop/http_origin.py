@@ -8,6 +8,8 @@ import socket
 import subprocess
 import time
 
+import pytest
+
 
 def free_port():
     with socket.socket() as s:
@@ -20,7 +22,6 @@ class HttpOrigin:
         binary = shutil.which("lighttpd") or (
             "/usr/sbin/lighttpd" if os.path.exists("/usr/sbin/lighttpd") else None)
         if binary is None:
-            import pytest  # (only the tests skip; the benchmark has no pytest)
             pytest.skip("lighttpd is not installed (make test installs it)")
         self.binary = binary
         self.root = root

@@ -103,24 +103,23 @@ HttpNode::HttpNode(CommonOptions common, bool https, http::CurlSettings settings
       readahead_(readahead),
       length_(length) {}
 
-uint64_t HttpNode::read_cached(uint64_t offset, uint64_t bytes, const IoVector& qiov) {
+bool HttpNode::read_cached(uint64_t offset, uint64_t bytes, const IoVector& qiov) {
   for (auto it = cache_.rbegin(); it != cache_.rend(); ++it) {
     const uint64_t start = it->offset;
-    const uint64_t end = start + it->size;
-    if (offset >= start && offset < end) {
-      const uint64_t n = std::min(bytes, end - offset);
-      qiov.copy_from(0, it->data.get() + (offset - start), n);
-      return n;
+    const uint64_t end = start + it->data->size();
+    if (offset >= start && offset + bytes <= end) {
+      qiov.copy_from(0, it->data->data() + (offset - start), bytes);
+      return true;
     }
   }
-  return 0;
+  return false;
 }
 
-void HttpNode::remember(uint64_t offset, uint64_t size, std::shared_ptr<const char[]> data) {
+void HttpNode::remember(uint64_t offset, std::shared_ptr<const std::vector<char>> data) {
   if (cache_.size() == kCachedRanges) {
     cache_.erase(cache_.begin());
   }
-  cache_.push_back({offset, size, std::move(data)});
+  cache_.push_back({offset, std::move(data)});
 }
 
 aio::Task<Result<void>> HttpNode::co_preadv(uint64_t offset, uint64_t bytes, IoVector qiov,
@@ -134,28 +133,24 @@ aio::Task<Result<void>> HttpNode::co_preadv(uint64_t offset, uint64_t bytes, IoV
   if (in_range < bytes) {
     qiov.fill(in_range, 0, bytes - in_range);  // the request layer's last partial block
   }
-  // The head may come from a range fetched before (a sequential reader's readahead); the rest,
-  // and `readahead` bytes past it, is fetched.
-  const uint64_t cached = read_cached(offset, in_range, qiov);
-  if (cached == in_range) {
+  if (read_cached(offset, in_range, qiov)) {
     co_return ok();
   }
-  const uint64_t start = offset + cached;
-  const uint64_t fetch = std::min(in_range - cached + readahead_, length_ - start);
-  std::shared_ptr<char[]> data = std::make_shared_for_overwrite<char[]>(fetch);
+  const uint64_t fetch = std::min(in_range + readahead_, length_ - offset);
+  auto data = std::make_shared<std::vector<char>>(fetch);
   // Only trivially destructible captures: GCC 12 may destroy a temporary in a co_await
   // expression twice. The node outlives its own requests.
   const http::CurlSettings* settings = &settings_;
-  char* out = data.get();
-  Result<void> fetched = co_await transfer_pool().run([settings, start, fetch, out] {
-    return http::fetch_range(*settings, start, fetch, out, kRetries);
+  char* out = data->data();
+  Result<void> fetched = co_await transfer_pool().run([settings, offset, fetch, out] {
+    return http::fetch_range(*settings, offset, fetch, out, kRetries);
   });
   if (!fetched) {
     co_return fetched;
   }
-  qiov.copy_from(cached, data.get(), in_range - cached);
-  if (fetch > in_range - cached) {
-    remember(start, fetch, std::move(data));
+  qiov.copy_from(0, data->data(), in_range);
+  if (fetch > in_range) {
+    remember(offset, std::move(data));
   }
   co_return ok();
 }

@@ -11,10 +11,10 @@
 // secret. Opening read-write fails ("curl driver does not support writes") unless auto-read-only
 // makes the node read-only.
 //
-// Reads: the length comes from a HEAD request at open. What one of the last eight fetched ranges
-// holds from the read's start on is served from memory; the rest of the read, plus `readahead`
-// bytes, is fetched with a ranged GET on a worker thread (several reads are in flight at once),
-// retried three times before the read fails with EIO.
+// Reads: the length comes from a HEAD request at open. A read inside one of the last eight
+// fetched ranges is served from memory; any other read fetches itself plus `readahead` bytes with
+// a ranged GET on a worker thread (several reads are in flight at once), retried three times
+// before the read fails with EIO.
 
 #include <cstdint>
 #include <memory>
@@ -64,13 +64,11 @@ class HttpNode final : public Node {
   // A fetched range kept for later reads (QEMU's CURLState buffers).
   struct Cached {
     uint64_t offset = 0;
-    uint64_t size = 0;
-    std::shared_ptr<const char[]> data;
+    std::shared_ptr<const std::vector<char>> data;
   };
-  // Copies into `qiov` what a cached range holds from `offset` on (at most `bytes`); returns how
-  // many bytes that was.
-  uint64_t read_cached(uint64_t offset, uint64_t bytes, const IoVector& qiov);
-  void remember(uint64_t offset, uint64_t size, std::shared_ptr<const char[]> data);
+  // Copies [offset, offset + bytes) into `qiov` if one cached range holds all of it.
+  bool read_cached(uint64_t offset, uint64_t bytes, const IoVector& qiov);
+  void remember(uint64_t offset, std::shared_ptr<const std::vector<char>> data);
 
   bool https_;
   http::CurlSettings settings_;
