@@ -197,25 +197,6 @@ def test_filter_node_name_puts_a_copy_on_read_filter_above_the_top(daemon):
     assert any(e["start"] <= 5 * MiB and e["start"] + e["length"] >= 6 * MiB for e in here), here
 
 
-def test_stream_from_a_raw_backing_file(daemon):
-    # A raw backing image maps its data to its file: the stream must find it allocated there.
-    d = daemon()
-    base = os.path.join(d.dir, "base.raw")
-    top = os.path.join(d.dir, "top.qcow2")
-    with open(base, "wb") as f:
-        f.write(b"\x5c" * (2 * MiB))
-    img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, str(2 * MiB))
-    d.qmp.ok("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                              "file": {"driver": "file", "filename": top}})
-    events = stream_to_end(d.qmp, {"job-id": "s0", "device": "top"})
-    completed = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_COMPLETED"]
-    assert completed and completed[0]["len"] == 2 * MiB and "error" not in completed[0], events
-    d.qmp.ok("blockdev-del", {"node-name": "top"})
-    check_clean(top)
-    r = compare(top, base)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 @pytest.mark.parametrize("args,needle", [
     ({"base": "x", "base-node": "base"}, "'base' and 'base-node' cannot be specified"),
     ({"bottom": "mid", "base-node": "base"}, "'bottom' and 'base-node' cannot be specified"),

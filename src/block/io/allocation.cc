@@ -18,9 +18,7 @@ aio::Task<Result<Allocation>> is_allocated_above(Node& top, const Node* base, ui
     if (node->is_filter() && node->backing_child() == nullptr) {
       continue;  // a filter holds no data of its own
     }
-    // Through the request layer, so that a driver that maps the run to its file (raw over a
-    // file, kRecurse) answers with what the file holds (QEMU's want_zero recursion).
-    Result<BlockStatus> status = co_await block_status(*node, offset, run);
+    Result<BlockStatus> status = co_await node->co_block_status(offset, run);
     if (!status) {
       co_return status.error();
     }

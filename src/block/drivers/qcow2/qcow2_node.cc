@@ -9,7 +9,6 @@
 
 #include "aio/event_loop.h"
 #include "block/drivers/blkdebug/events.h"
-#include "block/drivers/nbd/nbd_uri.h"
 #include "block/drivers/qcow2/compressed.h"
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/metadata_io.h"
@@ -73,26 +72,11 @@ std::string dirname_of(const std::string& path) {
   return path.substr(0, slash + 1);
 }
 
-// A backing file name that is a URL strata can open: http(s) or an NBD URI (QEMU's
-// path_has_protocol names, which are not combined with the image's directory). json: names are
-// never opened (CVE-2024-4467).
-bool is_backing_url(const std::string& name) {
-  return name.rfind("http://", 0) == 0 || name.rfind("https://", 0) == 0 || is_nbd_uri(name);
-}
-
-// The protocol node's blockdev options for a backing URL (read-only, as backing files are).
-Result<nlohmann::json> backing_url_options(const std::string& name) {
-  if (is_nbd_uri(name)) {
-    return nbd_uri_options(name);
-  }
-  const bool https = name.rfind("https://", 0) == 0;
-  return nlohmann::json{{"driver", https ? "https" : "http"}, {"url", name}};
-}
-
-// QEMU's path_combine for a name stored in an image: absolute names and URLs stay, relative
-// names are relative to the image's directory.
+// QEMU's path_combine for a name stored in an image: absolute names stay, relative names are
+// relative to the image's directory. Names are plain local paths: never json: or protocol specs
+// (CVE-2024-4467).
 Result<std::string> resolve_image_relative(const Node& file, const std::string& name) {
-  if ((!name.empty() && name[0] == '/') || is_backing_url(name)) {
+  if (!name.empty() && name[0] == '/') {
     return name;
   }
   auto base = file.exact_filename();
@@ -126,20 +110,13 @@ std::optional<Error> refuse_encrypted_image(const std::vector<uint8_t>& cluster,
   return invalid("No secret with id '" + *options.encrypt_key_secret + "'");
 }
 
-// Opens a child given only as a local path or a backing URL with driver `driver` ("file", or a
-// format over the protocol node): read-only (a backing file), or with `inherit_read_only` as the
-// parent is opened (the external data file, which guest writes go to).
+// Opens a child given only as a local path with driver `driver` ("file", or a format over a file):
+// read-only (a backing file), or with `inherit_read_only` as the parent is opened (the external
+// data file, which guest writes go to).
 Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string& driver,
                            const std::string& path, const std::string& child_name, uint32_t role,
                            bool inherit_read_only = false) {
   nlohmann::json file_options = {{"driver", "file"}, {"filename", path}};
-  if (is_backing_url(path)) {
-    auto url_options = backing_url_options(path);
-    if (!url_options) {
-      return std::move(url_options).error();
-    }
-    file_options = std::move(url_options).value();
-  }
   nlohmann::json options =
       driver == "file" ? file_options : nlohmann::json{{"driver", driver}, {"file", file_options}};
   if (!inherit_read_only) {
@@ -535,9 +512,8 @@ Result<void> Qcow2Node::open_backing(OpenContext& context, const Qcow2Options& o
   }
   std::string format = image_backing_format_;
   if (format.empty()) {
-    // QEMU probes an image without a backing format; strata knows qcow2 and raw (a URL without a
-    // format is taken as raw).
-    format = !is_backing_url(*path) && has_qcow2_magic(*path) ? "qcow2" : "raw";
+    // QEMU probes an image without a backing format; strata knows qcow2 and raw.
+    format = has_qcow2_magic(*path) ? "qcow2" : "raw";
   }
   if (find_driver(format) == nullptr) {
     return invalid("Could not open backing file: Unknown driver '" + format + "'");
