@@ -253,3 +253,24 @@ def test_read_error_stop_then_resume(daemon):
     check_clean(top)
     r = compare(top, expected)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_stream_from_raw_backing_file(daemon):
+    """A raw backing file is allocated everywhere (QEMU's block status recursion into its file):
+    the stream copies all of it before dropping the backing file."""
+    d = daemon()
+    base = os.path.join(d.dir, "base.raw")
+    with open(base, "wb") as f:
+        f.write(bytes(range(256)) * (SIZE // 256))
+    top = os.path.join(d.dir, "top.qcow2")
+    img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
+    d.qmp.ok("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                              "file": {"driver": "file", "filename": top}})
+    events = stream_to_end(d.qmp, {"job-id": "s0", "device": "top"})
+    completed = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_COMPLETED"]
+    assert completed and "error" not in completed[0]
+    d.qmp.ok("blockdev-del", {"node-name": "top"})
+    assert "backing-filename" not in info(top)
+    check_clean(top)
+    r = compare(top, base)
+    assert r.returncode == 0, r.stdout + r.stderr
