@@ -57,6 +57,17 @@ def check_clean(path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def assert_chain_content(top, expected, writes):
+    """`top` reads as the raw image `expected` with the guest's (pattern, offset, length)
+    writes applied (applied to `expected` here)."""
+    with open(expected, "r+b") as f:
+        for pattern, offset, length in writes:
+            f.seek(offset)
+            f.write(bytes([pattern]) * length)
+    r = compare(top, expected)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def stream_to_end(q, args):
     r, before = run_cmd(q, "block-stream", args)
     assert r == {"return": {}}, r
@@ -137,12 +148,7 @@ def test_stream_under_guest_writes(daemon):
     d.qmp.ok("blockdev-del", {"node-name": "mid"})
     d.qmp.ok("blockdev-del", {"node-name": "base"})
     check_clean(top)
-    with open(expected, "r+b") as f:
-        for pattern, offset, length in writes:
-            f.seek(offset)
-            f.write(bytes([pattern]) * length)
-    r = compare(top, expected)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_chain_content(top, expected, writes)
 
 
 def test_pause_resume_and_cancel(daemon):
