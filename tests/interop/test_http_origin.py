@@ -53,10 +53,11 @@ def wait_until(ready, what, proc):
 class HttpOrigin:
     """lighttpd serving `root` on a fixed local port; stop() kills it, start() brings it back."""
 
-    def __init__(self, root, workdir):
+    def __init__(self, root, workdir, tls=False):
         self.binary = lighttpd_binary()
         self.root = root
         self.port = free_port()
+        self.scheme = "https" if tls else "http"
         self.conf = os.path.join(workdir, "lighttpd.conf")
         with open(self.conf, "w") as f:
             f.write('server.document-root = "%s"\n' % root)
@@ -64,10 +65,12 @@ class HttpOrigin:
             f.write("server.port = %d\n" % self.port)
             f.write('server.errorlog = "%s"\n' % os.path.join(workdir, "lighttpd.log"))
             f.write('mimetype.assign = ( "" => "application/octet-stream" )\n')
+            if tls:
+                f.write(self_signed_tls_config(workdir))
         self.proc = None
 
     def url(self, name):
-        return "http://127.0.0.1:%d/%s" % (self.port, name)
+        return "%s://127.0.0.1:%d/%s" % (self.scheme, self.port, name)
 
     def node_filename(self, name):
         return self.url(name)
@@ -90,6 +93,20 @@ class HttpOrigin:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+
+
+def self_signed_tls_config(workdir):
+    """lighttpd's mod_openssl settings with a fresh self-signed certificate for 127.0.0.1."""
+    if not os.path.exists("/usr/lib/lighttpd/mod_openssl.so"):
+        pytest.skip("lighttpd's TLS module is not installed (Debian package lighttpd-mod-openssl)")
+    need_tool("openssl")
+    cert, key = (os.path.join(workdir, n) for n in ("cert.pem", "key.pem"))
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return ('server.modules += ( "mod_openssl" )\nssl.engine = "enable"\n'
+            'ssl.pemfile = "%s"\nssl.privkey = "%s"\n' % (cert, key))
 
 
 class NbdkitOrigin:
@@ -258,6 +275,31 @@ def test_https_driver_checks_its_scheme(daemon):
                                         "url": "http://127.0.0.1:1/x", "sslverify": False})
     assert r["error"]["desc"] == ("https curl driver cannot handle the URL "
                                   "'http://127.0.0.1:1/x' (does not start with 'https://')")
+
+
+def test_https_with_and_without_certificate_checks(daemon):
+    d = daemon()
+    root, path = make_origin_file(d, MiB)
+    origin = HttpOrigin(root, d.dir, tls=True)
+    origin.start()
+    try:
+        url = origin.url("disk.raw")
+        r = d.qmp.cmd_args("blockdev-add", {"driver": "https", "node-name": "h0",
+                                            "read-only": True, "url": url})
+        # The self-signed certificate fails verification (libcurl's text follows).
+        assert r["error"]["desc"].startswith("CURL: Error opening file: "), r
+        r = d.qmp.cmd_args("blockdev-add", {"driver": "https", "node-name": "h0",
+                                            "read-only": True, "url": url, "sslverify": False})
+        assert r == {"return": {}}
+        node = d.qmp.ok("query-named-block-nodes")[0]
+        assert node["drv"] == "https"
+        assert json.loads(node["file"][5:]) == {"driver": "https", "url": url,
+                                                "sslverify": False}
+        uri = start_nbd_read_only(d, "h0")
+        r = compare(uri, path, fmt_a="raw")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        origin.stop()
 
 
 def test_origin_errors_at_open(daemon, origins):
