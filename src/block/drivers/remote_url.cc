@@ -14,6 +14,10 @@ bool is_remote_url(std::string_view name) {
   return is_http_url(name) || is_nbd_uri(name);
 }
 
+bool names_itself(std::string_view backing_name) {
+  return backing_name.starts_with('/') || is_remote_url(backing_name);
+}
+
 Result<nlohmann::json> remote_url_options(std::string_view url) {
   if (is_http_url(url)) {
     const std::string_view scheme = url.substr(0, url.find(':'));

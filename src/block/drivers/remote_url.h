@@ -18,6 +18,11 @@ bool is_http_url(std::string_view name);
 // An http(s) URL or an NBD URI.
 bool is_remote_url(std::string_view name);
 
+// Whether a backing file name stands on its own rather than relative to the image's directory
+// (QEMU's path_combine leaves absolute paths and protocol names alone): an absolute path or a
+// remote URL.
+bool names_itself(std::string_view backing_name);
+
 // The protocol node's options for a remote URL: {"driver": "http"|"https", "url": URL} or the
 // nbd options of nbd_uri_options (nbds URIs, which need client credentials, are refused).
 Result<nlohmann::json> remote_url_options(std::string_view url);

@@ -86,6 +86,15 @@ TEST(RemoteUrlTest, RecognisesHttpAndNbdUrlsOnly) {
   EXPECT_FALSE(is_remote_url("dir/http://x"));
 }
 
+TEST(RemoteUrlTest, AbsolutePathsAndUrlsAreNotCombinedWithTheImagesDirectory) {
+  EXPECT_TRUE(names_itself("/images/base.qcow2"));
+  EXPECT_TRUE(names_itself("http://h/base.raw"));
+  EXPECT_TRUE(names_itself("nbd+unix:///?socket=/tmp/s"));
+  EXPECT_FALSE(names_itself("base.qcow2"));
+  EXPECT_FALSE(names_itself("json:{}"));
+  EXPECT_FALSE(names_itself(""));
+}
+
 TEST(RemoteUrlTest, OptionsNameTheProtocolDriver) {
   auto http = remote_url_options("https://h:8443/a/b.img");
   ASSERT_TRUE(http.ok());

@@ -77,7 +77,7 @@ std::string dirname_of(const std::string& path) {
 // (remote_url.h: http, https, nbd) stay, relative names are relative to the image's directory.
 // Any other name is a plain local path: never json: or another protocol spec (CVE-2024-4467).
 Result<std::string> resolve_image_relative(const Node& file, const std::string& name) {
-  if ((!name.empty() && name[0] == '/') || is_remote_url(name)) {
+  if (names_itself(name)) {
     return name;
   }
   auto base = file.exact_filename();
