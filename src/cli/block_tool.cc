@@ -13,6 +13,7 @@
 #include "base/arg_decoder.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/nbd/nbd_uri.h"
+#include "block/drivers/remote_url.h"
 #include "block/io/request.h"
 #include "qmp/json_stream.h"
 
@@ -22,13 +23,17 @@ namespace {
 
 constexpr char kQcow2Magic[] = {'Q', 'F', 'I', '\xfb'};
 
-// The protocol layer of a plain filename ("null-co://" and the like, else a host file).
+// The protocol layer of a plain filename ("null-co://" and the like, an http(s) URL, else a
+// host file).
 nlohmann::json protocol_options(const std::string& filename) {
   for (const char* driver : {"null-co", "null-aio"}) {
     std::string prefix = std::string(driver) + "://";
     if (filename.rfind(prefix, 0) == 0) {
       return {{"driver", driver}};
     }
+  }
+  if (block::is_http_url(filename)) {
+    return *block::remote_url_options(filename);
   }
   return {{"driver", "file"}, {"filename", filename}};
 }
@@ -126,7 +131,7 @@ Result<ImageOptions> image_options(const ImageOpenRequest& request) {
     std::string format;
     if (request.format) {
       format = *request.format;
-    } else if (protocol["driver"] == "nbd") {
+    } else if (protocol["driver"] == "nbd" || block::is_http_url(request.filename)) {
       // Probed once the connection is up (BlockSession::open); raw until then.
       format = "raw";
       result.probed = true;

@@ -16,6 +16,7 @@
 
 #include "block/drivers/qcow2/create.h"
 #include "block/drivers/qcow2/format.h"
+#include "block/drivers/remote_url.h"
 #include "block/graph/permissions.h"
 #include "cli/img_internal.h"
 
@@ -143,7 +144,7 @@ int create_qcow2(const std::string& filename, const std::map<std::string, std::s
   if (options.backing_file) {
     if (!unsafe) {
       std::string path = *options.backing_file;
-      if (!path.empty() && path[0] != '/') {
+      if (!block::names_itself(path)) {
         path = directory_of(filename) + path;
       }
       auto session = BlockSession::create();

@@ -16,6 +16,7 @@
 
 #include "block/drivers/driver.h"
 #include "block/drivers/qcow2/qcow2_node.h"
+#include "block/drivers/remote_url.h"
 #include "block/io/request.h"
 #include "cli/img_internal.h"
 
@@ -289,7 +290,8 @@ int rebase_main(int argc, char** argv) {
     if (!backing->empty()) {
       // The new backing file, resolved against the image's directory like a stored name.
       const std::string overlay = node.exact_filename().value_or(filename);
-      const std::string path = (*backing)[0] == '/' ? *backing : dirname_of(overlay) + *backing;
+      const std::string path =
+          block::names_itself(*backing) ? *backing : dirname_of(overlay) + *backing;
       ImageOpenRequest backing_request;
       backing_request.filename = path;
       backing_request.format = backing_format;

@@ -57,6 +57,17 @@ def check_clean(path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def assert_chain_content(top, expected, writes):
+    """`top` reads as the raw image `expected` with the guest's (pattern, offset, length)
+    writes applied (applied to `expected` here)."""
+    with open(expected, "r+b") as f:
+        for pattern, offset, length in writes:
+            f.seek(offset)
+            f.write(bytes([pattern]) * length)
+    r = compare(top, expected)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def stream_to_end(q, args):
     r, before = run_cmd(q, "block-stream", args)
     assert r == {"return": {}}, r
@@ -137,12 +148,7 @@ def test_stream_under_guest_writes(daemon):
     d.qmp.ok("blockdev-del", {"node-name": "mid"})
     d.qmp.ok("blockdev-del", {"node-name": "base"})
     check_clean(top)
-    with open(expected, "r+b") as f:
-        for pattern, offset, length in writes:
-            f.seek(offset)
-            f.write(bytes([pattern]) * length)
-    r = compare(top, expected)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_chain_content(top, expected, writes)
 
 
 def test_pause_resume_and_cancel(daemon):
@@ -284,4 +290,25 @@ def test_read_error_stop_then_resume(daemon):
     d.qmp.ok("blockdev-del", {"node-name": "base"})
     check_clean(top)
     r = compare(top, expected)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_stream_from_raw_backing_file(daemon):
+    """A raw backing file is allocated everywhere (QEMU's block status recursion into its file):
+    the stream copies all of it before dropping the backing file."""
+    d = daemon()
+    base = os.path.join(d.dir, "base.raw")
+    with open(base, "wb") as f:
+        f.write(bytes(range(256)) * (SIZE // 256))
+    top = os.path.join(d.dir, "top.qcow2")
+    img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
+    d.qmp.ok("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                              "file": {"driver": "file", "filename": top}})
+    events = stream_to_end(d.qmp, {"job-id": "s0", "device": "top"})
+    completed = [e[1] for e in events if isinstance(e, tuple) and e[0] == "BLOCK_JOB_COMPLETED"]
+    assert completed and "error" not in completed[0]
+    d.qmp.ok("blockdev-del", {"node-name": "top"})
+    assert "backing-filename" not in info(top)
+    check_clean(top)
+    r = compare(top, base)
     assert r.returncode == 0, r.stdout + r.stderr

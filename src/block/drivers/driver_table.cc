@@ -5,6 +5,7 @@
 #include "block/drivers/cor/cor_node.h"
 #include "block/drivers/driver.h"
 #include "block/drivers/file/file_node.h"
+#include "block/drivers/http/http_node.h"
 #include "block/drivers/nbd/nbd_node.h"
 #include "block/drivers/null/null_node.h"
 #include "block/drivers/qcow2/qcow2_node.h"
@@ -20,6 +21,8 @@ const Driver kDrivers[] = {
     {"copy-before-write", &CbwNode::parse, &CbwNode::open},
     {"copy-on-read", &CorNode::parse, &CorNode::open},
     {"file", &FileNode::parse, &FileNode::open},
+    {"http", &HttpNode::parse_http, &HttpNode::open},
+    {"https", &HttpNode::parse_https, &HttpNode::open},
     {"nbd", &NbdNode::parse, &NbdNode::open},
     {"null-aio", &NullNode::parse, &NullNode::open_aio},
     {"null-co", &NullNode::parse, &NullNode::open_co},

@@ -23,7 +23,11 @@ aio::Task<Result<Allocation>> is_allocated_above(Node& top, const Node* base, ui
       co_return status.error();
     }
     run = std::min(run, std::max<uint64_t>(status->bytes, 1));
-    if (status->allocated_here()) {
+    // A run the layer maps to its own file (raw over a protocol node) is the layer's data: QEMU's
+    // recursion finds data or zeroes there, which makes the layer allocated.
+    const bool in_own_file = (status->flags & BlockStatus::kRecurse) != 0 &&
+                             status->file != nullptr && status->file != node;
+    if (status->allocated_here() || in_own_file) {
       co_return Allocation{true, run};
     }
   }

@@ -419,9 +419,10 @@ TEST_F(Qcow2ReadTest, BackingOptions) {
   EXPECT_EQ(data.substr(0, 4), std::string("QFI\xfb"));
 }
 
-TEST_F(Qcow2ReadTest, NamesInTheImageArePlainLocalPaths) {
-  // CVE-2024-4467: a data-file or backing name that looks like a json: or protocol spec is only
-  // ever a (missing) local file.
+TEST_F(Qcow2ReadTest, JsonNamesInTheImageArePlainLocalPathsAndUrlsOpenTheirProtocol) {
+  // CVE-2024-4467: a name that looks like a json: spec is only ever a (missing) local file. A
+  // backing name that is an NBD or http(s) URL opens through that protocol, as in QEMU
+  // (path_has_protocol), and is not combined with the image's directory.
   ASSERT_EQ(run_in(dir(),
                    "qemu-img create -q -f qcow2 -u -b 'nbd://127.0.0.1:1/x' -F raw b.qcow2 1M\n"
                    "qemu-img create -q -f qcow2 -u -b 'json:{\"driver\":\"null-co\"}' "
@@ -430,9 +431,8 @@ TEST_F(Qcow2ReadTest, NamesInTheImageArePlainLocalPaths) {
       << slurp(dir() + "/script.log");
   std::string json_message = open_error(dir() + "/j.qcow2");
   EXPECT_NE(json_message.find(dir() + "/json:{"), std::string::npos) << json_message;
-  std::string message = open_error(dir() + "/b.qcow2");
-  EXPECT_NE(message.find("Could not open backing file"), std::string::npos) << message;
-  EXPECT_NE(message.find(dir() + "/nbd://127.0.0.1:1/x"), std::string::npos) << message;
+  EXPECT_EQ(open_error(dir() + "/b.qcow2"),
+            "Could not open backing file: Failed to connect to '127.0.0.1:1': Connection refused");
 }
 
 TEST_F(Qcow2ReadTest, OptionsAreValidated) {

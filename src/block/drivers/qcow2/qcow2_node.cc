@@ -13,6 +13,7 @@
 #include "block/drivers/qcow2/format.h"
 #include "block/drivers/qcow2/metadata_io.h"
 #include "block/drivers/qcow2/overlap.h"
+#include "block/drivers/remote_url.h"
 #include "block/io/request.h"
 
 namespace strata::block::qcow2 {
@@ -72,11 +73,11 @@ std::string dirname_of(const std::string& path) {
   return path.substr(0, slash + 1);
 }
 
-// QEMU's path_combine for a name stored in an image: absolute names stay, relative names are
-// relative to the image's directory. Names are plain local paths: never json: or protocol specs
-// (CVE-2024-4467).
+// QEMU's path_combine for a name stored in an image: absolute names and remote URLs
+// (remote_url.h: http, https, nbd) stay, relative names are relative to the image's directory.
+// Any other name is a plain local path: never json: or another protocol spec (CVE-2024-4467).
 Result<std::string> resolve_image_relative(const Node& file, const std::string& name) {
-  if (!name.empty() && name[0] == '/') {
+  if (names_itself(name)) {
     return name;
   }
   auto base = file.exact_filename();
@@ -113,12 +114,13 @@ std::optional<Error> refuse_encrypted_image(const std::vector<uint8_t>& cluster,
 // Opens a child given only as a local path with driver `driver` ("file", or a format over a file):
 // read-only (a backing file), or with `inherit_read_only` as the parent is opened (the external
 // data file, which guest writes go to).
-Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string& driver,
-                           const std::string& path, const std::string& child_name, uint32_t role,
-                           bool inherit_read_only = false) {
-  nlohmann::json file_options = {{"driver", "file"}, {"filename", path}};
-  nlohmann::json options =
-      driver == "file" ? file_options : nlohmann::json{{"driver", driver}, {"file", file_options}};
+Result<Child*> attach_protocol(OpenContext& context, Node& parent, const std::string& driver,
+                               const nlohmann::json& protocol_options,
+                               const std::string& child_name, uint32_t role,
+                               bool inherit_read_only = false) {
+  nlohmann::json options = driver == protocol_options["driver"]
+                               ? protocol_options
+                               : nlohmann::json{{"driver", driver}, {"file", protocol_options}};
   if (!inherit_read_only) {
     // QEMU's bdrv_backing_options: read-only, but may become writable (block-commit).
     options["read-only"] = true;
@@ -132,6 +134,14 @@ Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string
     return std::move(decoded).error();
   }
   return context.attach(parent, ref, child_name, role);
+}
+
+Result<Child*> attach_path(OpenContext& context, Node& parent, const std::string& driver,
+                           const std::string& path, const std::string& child_name, uint32_t role,
+                           bool inherit_read_only = false) {
+  const nlohmann::json file_options = {{"driver", "file"}, {"filename", path}};
+  return attach_protocol(context, parent, driver, file_options, child_name, role,
+                         inherit_read_only);
 }
 
 // The first bytes of a local file, for probing a backing file without a format.
@@ -506,19 +516,33 @@ Result<void> Qcow2Node::open_backing(OpenContext& context, const Qcow2Options& o
   if (image_backing_file_.empty()) {
     return ok();
   }
-  auto path = resolve_image_relative(file(), image_backing_file_);
-  if (!path) {
-    return path.error().with_prefix("Could not open backing file");
-  }
+  nlohmann::json protocol;
   std::string format = image_backing_format_;
-  if (format.empty()) {
-    // QEMU probes an image without a backing format; strata knows qcow2 and raw.
-    format = has_qcow2_magic(*path) ? "qcow2" : "raw";
+  if (is_remote_url(image_backing_file_)) {
+    auto remote = remote_url_options(image_backing_file_);
+    if (!remote) {
+      return remote.error().with_prefix("Could not open backing file");
+    }
+    protocol = std::move(remote).value();
+    if (format.empty()) {
+      // Not probed over the network (QEMU would): a remote file without a format is raw.
+      format = "raw";
+    }
+  } else {
+    auto path = resolve_image_relative(file(), image_backing_file_);
+    if (!path) {
+      return path.error().with_prefix("Could not open backing file");
+    }
+    protocol = {{"driver", "file"}, {"filename", *path}};
+    if (format.empty()) {
+      // QEMU probes an image without a backing format; strata knows qcow2 and raw.
+      format = has_qcow2_magic(*path) ? "qcow2" : "raw";
+    }
   }
   if (find_driver(format) == nullptr) {
     return invalid("Could not open backing file: Unknown driver '" + format + "'");
   }
-  auto attached = attach_path(context, *this, format, *path, "backing", kRoleCow);
+  auto attached = attach_protocol(context, *this, format, protocol, "backing", kRoleCow);
   if (!attached) {
     return attached.error().with_prefix("Could not open backing file");
   }
