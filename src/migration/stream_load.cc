@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
+#include <map>
 
 #include "migration/crc32c.h"
 #include "migration/internal.h"
@@ -41,6 +43,36 @@ Error corrupt(std::string message) {
   return Error(ErrorKind::kCorrupt, std::move(message));
 }
 
+// The pages of one block that runs have covered, as merged [first, end) ranges: memory grows with
+// the number of separate runs in the stream, not with the block size a stream claims.
+class CoveredPages {
+ public:
+  void add(uint64_t first, uint64_t end) {
+    auto it = ranges_.upper_bound(first);
+    if (it != ranges_.begin() && std::prev(it)->second >= first) {
+      --it;
+      first = it->first;
+      end = std::max(end, it->second);
+      it = ranges_.erase(it);
+    }
+    while (it != ranges_.end() && it->first <= end) {
+      end = std::max(end, it->second);
+      it = ranges_.erase(it);
+    }
+    ranges_.emplace(first, end);
+  }
+  // The first page in [0, pages) not covered, or `pages` when all are.
+  uint64_t first_missing(uint64_t pages) const {
+    if (ranges_.empty() || ranges_.begin()->first != 0) {
+      return 0;
+    }
+    return std::min(ranges_.begin()->second, pages);
+  }
+
+ private:
+  std::map<uint64_t, uint64_t> ranges_;
+};
+
 class StreamReader {
  public:
   StreamReader(ByteSource& source, std::span<const RamBlock> destination,
@@ -63,9 +95,9 @@ class StreamReader {
   std::span<const RamBlock> destination_;
   const TransferOptions& options_;
   StreamContents contents_;
-  std::vector<size_t> mapping_;             // stream block -> destination block
-  std::vector<std::vector<bool>> covered_;  // per stream block, per page
-  std::vector<uint8_t> scratch_;            // page data when there is no destination
+  std::vector<size_t> mapping_;        // stream block -> destination block
+  std::vector<CoveredPages> covered_;  // per stream block
+  std::vector<uint8_t> scratch_;       // page data when there is no destination
 };
 
 Result<void> StreamReader::read_header_and_blocks() {
@@ -129,7 +161,7 @@ Result<void> StreamReader::read_header_and_blocks() {
     }
     ram_total += block.length;
     block.present_pages = 0;
-    covered_.emplace_back(block.page_count(), false);
+    covered_.emplace_back();
   }
   if (ram_total != header->ram_total) {
     return corrupt(fmt::format("the blocks hold {:#x} bytes, the header says {:#x}", ram_total,
@@ -202,10 +234,7 @@ Result<uint64_t> StreamReader::read_pages(const SectionFrame& frame) {
     std::memset(destination_[mapping_[run.block_index]].host + run.first_page * block.page_size, 0,
                 run.page_count * block.page_size);
   }
-  std::vector<bool>& covered = covered_[run.block_index];
-  for (uint64_t page = run.first_page; page < run.first_page + run.page_count; ++page) {
-    covered[page] = true;
-  }
+  covered_[run.block_index].add(run.first_page, run.first_page + run.page_count);
   if (run.kind == kPageRunData) {
     block.present_pages += run.page_count;
   }
@@ -290,12 +319,10 @@ Result<StreamContents> StreamReader::run() {
     }
   }
   for (size_t b = 0; b < contents_.blocks.size(); ++b) {
-    const std::vector<bool>& covered = covered_[b];
-    for (uint64_t page = 0; page < covered.size(); ++page) {
-      if (!covered[page]) {
-        return corrupt(fmt::format("RAM block \"{}\": the stream ended without page {}",
-                                   contents_.blocks[b].name, page));
-      }
+    uint64_t missing = covered_[b].first_missing(contents_.blocks[b].page_count());
+    if (missing != contents_.blocks[b].page_count()) {
+      return corrupt(fmt::format("RAM block \"{}\": the stream ended without page {}",
+                                 contents_.blocks[b].name, missing));
     }
   }
   return std::move(contents_);
