@@ -3,11 +3,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <iterator>
 
 #include "migration/format.h"
+#include "migration/stream.h"
 #include "migration/vmstate_file.h"
 #include "migration/wire.h"
 #include "test_memory.h"
@@ -255,6 +257,95 @@ TEST(HostileStreamTest, TruncatedAndDamagedStreams) {
   ASSERT_FALSE(loaded.ok());
   EXPECT_NE(loaded.error().message().find("checksum mismatch"), std::string::npos);
   EXPECT_FALSE(describe_file(path, 0, false).ok());
+}
+
+}  // namespace
+}  // namespace strata::migration
+
+namespace strata::migration {
+namespace {
+
+class VectorSink : public ByteSink {
+ public:
+  Result<void> write(std::span<const uint8_t> data) override {
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    return ok();
+  }
+  std::vector<uint8_t> bytes;
+};
+
+class VectorSource : public ByteSource {
+ public:
+  explicit VectorSource(const std::vector<uint8_t>& bytes) : bytes_(bytes) {}
+  Result<void> read(std::span<uint8_t> buffer) override {
+    if (buffer.size() > bytes_.size() - position_) {
+      return Error(ErrorKind::kCorrupt, "stream truncated");
+    }
+    std::memcpy(buffer.data(), bytes_.data() + position_, buffer.size());
+    position_ += buffer.size();
+    return ok();
+  }
+
+ private:
+  const std::vector<uint8_t>& bytes_;
+  size_t position_ = 0;
+};
+
+// The offsets of the sections of a streaming-form stream.
+std::vector<size_t> section_offsets(const std::vector<uint8_t>& bytes) {
+  std::vector<size_t> offsets;
+  for (size_t at = kHeaderSize; at + kSectionFrameSize <= bytes.size();) {
+    offsets.push_back(at);
+    at += kSectionFrameSize + load_le(bytes.data() + at + 8, 8);
+  }
+  return offsets;
+}
+
+// Rewrites END's count of sections before it.
+void set_end_count(std::vector<uint8_t>& bytes, uint64_t count) {
+  std::array<uint8_t, kEndPayloadSize> payload{};
+  store_le(payload.data(), count, 8);
+  auto end = encode_section(kSectionEnd, payload);
+  std::copy(end.begin(), end.end(), bytes.end() - static_cast<ptrdiff_t>(end.size()));
+}
+
+TEST(HostileStreamTest, EveryPageMustBeCovered) {
+  Guest source({{"pc.ram", 64 << 20}}, 29, 3);
+  VectorSink sink;
+  ASSERT_TRUE(save_to_stream(source.blocks(), sink, 0, TransferOptions{}).ok());
+  auto offsets = section_offsets(sink.bytes);
+  ASSERT_GT(offsets.size(), 4u);
+
+  // Drop the second ram-pages section (and fix END's count): its pages are never covered.
+  std::vector<uint8_t> dropped(sink.bytes.begin(),
+                               sink.bytes.begin() + static_cast<ptrdiff_t>(offsets[2]));
+  dropped.insert(dropped.end(), sink.bytes.begin() + static_cast<ptrdiff_t>(offsets[3]),
+                 sink.bytes.end());
+  set_end_count(dropped, offsets.size() - 2);
+  Guest destination = source.empty_twin();
+  VectorSource missing(dropped);
+  auto loaded = load_from_stream(destination.blocks(), missing, TransferOptions{});
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_NE(loaded.error().message().find("the stream ended without page"), std::string::npos)
+      << loaded.error().message();
+
+  // Sending a run twice is fine (a later pass may resend pages): the stream still loads.
+  std::vector<uint8_t> twice(sink.bytes.begin(), sink.bytes.end() - 24);
+  twice.insert(twice.end(), sink.bytes.begin() + static_cast<ptrdiff_t>(offsets[1]),
+               sink.bytes.begin() + static_cast<ptrdiff_t>(offsets[2]));
+  twice.insert(twice.end(), sink.bytes.end() - 24, sink.bytes.end());
+  set_end_count(twice, offsets.size());
+  VectorSource repeated(twice);
+  loaded = load_from_stream(destination.blocks(), repeated, TransferOptions{});
+  ASSERT_TRUE(loaded.ok()) << loaded.error().message();
+  EXPECT_TRUE(destination.same_as(source));
+
+  // Without END the stream is truncated.
+  std::vector<uint8_t> no_end(sink.bytes.begin(), sink.bytes.end() - 24);
+  VectorSource cut(no_end);
+  loaded = load_from_stream(destination.blocks(), cut, TransferOptions{});
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.error().message(), "stream truncated");
 }
 
 }  // namespace
