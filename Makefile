@@ -54,6 +54,7 @@ bench: deps-peers
 	scripts/bench-fleece
 	scripts/bench-stream
 	scripts/bench-mirror
+	scripts/bench-vmstate
 
 fuzz: deps
 	cmake --preset fuzz

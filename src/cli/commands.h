@@ -9,5 +9,6 @@ int qmp_main(int argc, char** argv);
 int img_main(int argc, char** argv);
 int io_main(int argc, char** argv);
 int nbd_main(int argc, char** argv);
+int vmstate_main(int argc, char** argv);
 
 }  // namespace strata::cli

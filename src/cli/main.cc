@@ -21,6 +21,7 @@ constexpr SubCommand kSubCommands[] = {
     {"img", strata::cli::img_main, "disk image utility (qemu-img syntax: info, map, compare, ...)"},
     {"io", strata::cli::io_main, "image I/O exerciser (qemu-io syntax and commands)"},
     {"nbd", strata::cli::nbd_main, "serve one disk image over NBD (qemu-nbd syntax)"},
+    {"vmstate", strata::cli::vmstate_main, "describe and check a saved migration stream"},
 };
 
 void print_usage(FILE* out) {
