@@ -194,43 +194,54 @@ void HttpNode::report_transfer_error(const std::string& message) {
 }
 
 aio::Task<Result<void>> HttpNode::read_once(uint64_t offset, uint64_t end, IoVector qiov) {
-  uint64_t position = offset;
-  while (position < end) {
+  // Plans the whole read first, so that every fetch it needs is in flight at once: a part held
+  // in the cache is copied at once, the others wait below for their pending or new fetch.
+  struct Part {
     std::shared_ptr<Fetch> fetch;
-    http::ReadaheadCache::Step step;
-    {
-      std::lock_guard lock(mutex_);
-      step = cache_->next(position, end);
+    uint64_t begin = 0;
+    uint64_t end = 0;
+  };
+  std::vector<Part> waits;
+  std::vector<std::pair<uint64_t, http::ByteRange>> starts;
+  {
+    std::lock_guard lock(mutex_);
+    for (uint64_t position = offset; position < end;) {
+      const http::ReadaheadCache::Step step = cache_->next(position, end);
+      const uint64_t part_end = std::min(end, step.range.end);
+      std::shared_ptr<Fetch> fetch;
       if (step.kind == http::ReadaheadCache::Step::Kind::kFetch) {
         fetch = std::make_shared<Fetch>();
         fetch->range = step.range;
         fetches_.emplace(step.id, fetch);
+        starts.emplace_back(step.id, step.range);
       } else {
         fetch = fetches_.at(step.id);
       }
       if (step.kind == http::ReadaheadCache::Step::Kind::kCopy) {
-        const uint64_t n = std::min(end, step.range.end) - position;
-        qiov.copy_from(position - offset, fetch->data.data() + (position - step.range.begin), n);
-        position += n;
-        continue;
+        qiov.copy_from(position - offset, fetch->data.data() + (position - step.range.begin),
+                       part_end - position);
+      } else {
+        waits.push_back({std::move(fetch), position, part_end});
       }
+      position = part_end;
     }
-    if (step.kind == http::ReadaheadCache::Step::Kind::kFetch) {
-      client_->fetch(step.range, [this, id = step.id](http::FetchResult result) {
-        fetch_done(id, std::move(result));
-      });
-    }
-    co_await FetchAwaiter(*this, fetch);
+  }
+  for (const auto& [id, range] : starts) {
+    client_->fetch(
+        range, [this, id = id](http::FetchResult result) { fetch_done(id, std::move(result)); });
+  }
+  for (const Part& part : waits) {
+    co_await FetchAwaiter(*this, part.fetch);
     // `done` was seen under the mutex (or the wake-up was posted under it): the fetch is final.
-    if (fetch->outcome != http::TransferOutcome::kOk) {
-      const ErrorKind kind = fetch->outcome == http::TransferOutcome::kTransient
+    const Fetch& fetch = *part.fetch;
+    if (fetch.outcome != http::TransferOutcome::kOk) {
+      const ErrorKind kind = fetch.outcome == http::TransferOutcome::kTransient
                                  ? ErrorKind::kIo
                                  : ErrorKind::kProtocol;
-      co_return Error(kind, fetch->message, EIO);
+      co_return Error(kind, fetch.message, EIO);
     }
-    const uint64_t n = std::min(end, fetch->range.end) - position;
-    qiov.copy_from(position - offset, fetch->data.data() + (position - fetch->range.begin), n);
-    position += n;
+    qiov.copy_from(part.begin - offset, fetch.data.data() + (part.begin - fetch.range.begin),
+                   part.end - part.begin);
   }
   co_return ok();
 }

@@ -62,8 +62,9 @@ class HttpNode final : public Node {
   class FetchAwaiter;
 
   // Serves [offset, end) of the origin into `qiov` (whose byte 0 is `offset`), from held ranges,
-  // pending fetches and new fetches. One try: the first failed fetch ends it, with libcurl's text
-  // and kind kIo when it was transient (worth another try), kProtocol otherwise.
+  // pending fetches and new fetches, all of them planned and started before it first waits. One
+  // try: the first failed fetch ends it, with libcurl's text and kind kIo when it was transient
+  // (worth another try), kProtocol otherwise.
   aio::Task<Result<void>> read_once(uint64_t offset, uint64_t end, IoVector qiov);
   // Called on the client's thread when the fetch `id` ends.
   void fetch_done(uint64_t id, http::FetchResult result);
