@@ -275,7 +275,7 @@ class JobManager {
   void cancel(Job& job, bool force);
   void cancel_async(Job& job, bool force);
 
-  aio::EventLoop& loop_;
+  [[maybe_unused]] aio::EventLoop& loop_;  // the loop jobs run on (kept for callers' clarity)
   std::function<void(const Job&)> on_status_change_;
   EventSink event_sink_;
   std::vector<std::unique_ptr<Job>> jobs_;  // oldest first
