@@ -143,22 +143,11 @@ class CommitJob : public job::BlockJob, public BlockParent {
   Result<void> insert_filter() {
     CommonOptions common;
     common.node_name = options_.filter_node_name.value_or("");
-    auto filter = std::make_shared<CommitTopNode>(common);
-    if (auto registered = graph_.register_node(*filter); !registered) {
+    filter_ = std::make_shared<CommitTopNode>(common);
+    if (auto inserted = graph_.insert_filter(filter_, options_.top); !inserted) {
+      filter_.reset();
       release();
-      return registered;
-    }
-    auto child =
-        graph_.attach_child(*filter, options_.top, "backing", kRoleFiltered | kRolePrimary);
-    if (!child) {
-      release();
-      return std::move(child).error();
-    }
-    filter->inherit_limits();
-    filter_ = filter;
-    if (auto moved = graph_.replace_node(*options_.top, filter_); !moved) {
-      release();
-      return moved;
+      return inserted;
     }
     filter_inserted_ = true;
     return ok();

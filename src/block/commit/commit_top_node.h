@@ -36,9 +36,6 @@ class CommitTopNode final : public Node {
     child_shared = kPermAll;
   }
 
-  // Copies the top's limits (called once the top is attached).
-  void inherit_limits() { limits_ = top().limits(); }
-
  private:
   Node& top() const { return *children().front()->node(); }
 };

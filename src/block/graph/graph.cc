@@ -383,6 +383,19 @@ Result<void> Graph::replace_node(Node& from, const std::shared_ptr<Node>& to) {
   return ok();
 }
 
+Result<void> Graph::insert_filter(const std::shared_ptr<Node>& filter,
+                                  const std::shared_ptr<Node>& node) {
+  if (auto registered = register_node(*filter); !registered) {
+    return registered;
+  }
+  auto child = attach_child(*filter, node, "backing", kRoleFiltered | kRolePrimary);
+  if (!child) {
+    return std::move(child).error();
+  }
+  filter->limits_ = node->limits();
+  return replace_node(*node, filter);
+}
+
 Result<std::unique_ptr<Child>> Graph::attach_root(BlockParent& user, std::shared_ptr<Node> node,
                                                   std::string name, uint32_t role, uint64_t perm,
                                                   uint64_t shared) {

@@ -87,6 +87,12 @@ class Graph {
   // make a cycle; this includes `to` itself when it is a filter above `from`). Permissions are
   // refreshed as one transaction; on failure nothing changes.
   Result<void> replace_node(Node& from, const std::shared_ptr<Node>& to);
+  // Puts `filter`, a new filter node nobody uses yet, above `node` for a block job (QEMU's
+  // bdrv_append of mirror_top/commit_top): registers it (a generated name when it has none),
+  // attaches `node` as its "backing" child, gives it `node`'s limits and moves `node`'s users
+  // onto it (replace_node). On failure the graph is as before once `filter` is dropped.
+  Result<void> insert_filter(const std::shared_ptr<Node>& filter,
+                             const std::shared_ptr<Node>& node);
   // Attaches a root user (export, job, device) with explicit permissions.
   Result<std::unique_ptr<Child>> attach_root(BlockParent& user, std::shared_ptr<Node> node,
                                              std::string name, uint32_t role, uint64_t perm,

@@ -90,23 +90,11 @@ class MirrorJob : public job::BlockJob, public BlockParent, private MirrorCore::
 
     CommonOptions common;
     common.node_name = o.filter_node_name.value_or("");
-    auto filter = std::make_shared<MirrorTopNode>(common, core_, o.is_commit);
-    auto registered = graph_.register_node(*filter);
-    if (!registered) {
-      return std::move(registered).error();
-    }
-    filter_ = filter;
-    auto child = graph_.attach_child(*filter, o.source, "backing", kRoleFiltered | kRolePrimary);
-    if (!child) {
-      filter_.reset();
-      return std::move(child).error();
-    }
-    filter->inherit_limits();
+    filter_ = std::make_shared<MirrorTopNode>(common, core_, o.is_commit);
     // Every user of the source now goes through the filter.
-    auto moved = graph_.replace_node(*o.source, filter_);
-    if (!moved) {
+    if (auto inserted = graph_.insert_filter(filter_, o.source); !inserted) {
       filter_.reset();
-      return std::move(moved).error();
+      return inserted;
     }
     filter_inserted_ = true;
 

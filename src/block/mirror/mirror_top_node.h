@@ -42,9 +42,6 @@ class MirrorTopNode final : public Node {
   void child_perm(const Child& child, uint64_t perm, uint64_t shared, uint64_t& child_perm,
                   uint64_t& child_shared) const override;
 
-  // Copies the source's limits (called once the source is attached).
-  void inherit_limits() { limits_ = source().limits(); }
-
  private:
   Node& source() const { return *children().front()->node(); }
   // The write path shared by the three kinds of write.
